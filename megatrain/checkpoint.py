@@ -1,0 +1,162 @@
+"""Checkpoints that a crash cannot corrupt.
+
+Layout of `<run.dir>/checkpoints/`:
+    step_<N>/            DeepSpeed's engine state (model, optimizer, scheduler, per-rank shards)
+        hf/              the model as a Hugging Face `save_pretrained` folder, plus tokenizer.model
+        rng_rank<R>.pt   each rank's RNG states
+        config.yaml      the resolved config of the run that wrote it
+        trainer.json     step and data position (human-readable; also in DeepSpeed's client state)
+    latest               the name of the newest complete checkpoint
+
+A checkpoint is written under `.tmp-step_<N>/`, renamed to `step_<N>/` only once every rank has
+finished, and `latest` is replaced atomically afterwards. A crash at any point leaves the previous
+checkpoint and `latest` as they were; stale `.tmp-*` folders are removed by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from megatrain.config import Config, save_config
+from megatrain.errors import CheckpointError
+from megatrain.parallel.dims import World, barrier
+from megatrain.parallel.zero import gathered_params
+
+# Model fields that change parameter shapes; a checkpoint with other values cannot be loaded.
+SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "tie_embeddings")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def resolve(path: str | Path) -> Path:
+    """A step folder, or a run folder / checkpoints folder (then its `latest`)."""
+    path = Path(path)
+    for root in (path / "checkpoints", path):
+        latest = root / "latest"
+        if latest.is_file():
+            path = root / latest.read_text().strip()
+            break
+    if not (path / "hf").is_dir():
+        raise CheckpointError(f"{path} is not a complete megatrain checkpoint (no hf/ inside); pass a "
+                              "checkpoints/step_<N> folder or a run folder that has checkpoints/latest")
+    return path
+
+
+def check_compatible(ckpt_dir: Path, cfg: Config) -> None:
+    """Refuse, before touching the engine, a checkpoint whose parameter shapes differ from cfg.model."""
+    saved_path = ckpt_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise CheckpointError(f"{saved_path} is missing; this folder was not written by megatrain")
+    saved = (yaml.safe_load(saved_path.read_text()) or {}).get("model", {})
+    ours = vars(cfg.model)
+    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {ours[k]!r}" for k in SHAPE_FIELDS
+             if saved.get(k) != ours[k]]
+    if diffs:
+        raise CheckpointError(f"checkpoint {ckpt_dir} has another model shape ({'; '.join(diffs)}); "
+                              "resume with the config it was written with, or start a new run.dir")
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def export_hf(engine, out_dir: Path, world: World, tokenizer_path: Path) -> None:
+    """Write the full model as an HF folder from rank 0; under ZeRO-3 every rank helps gather it."""
+    with gathered_params(engine.module):
+        if world.is_main:
+            engine.module.save_pretrained(out_dir, safe_serialization=True)
+            shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
+
+
+class Checkpointer:
+    """Owns the checkpoint schedule, the atomic save and the exact resume."""
+
+    def __init__(self, cfg: Config, world: World, tokenizer_path: Path):
+        self.cfg, self.world, self.tokenizer_path = cfg, world, tokenizer_path
+        self.root = Path(cfg.run.dir) / "checkpoints"
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.checkpoint.interval
+        return step == self.cfg.train.steps or (every > 0 and step % every == 0)
+
+    def latest(self) -> Path | None:
+        latest = self.root / "latest"
+        if not latest.is_file():
+            return None
+        path = self.root / latest.read_text().strip()
+        if not path.is_dir():
+            raise CheckpointError(f"{latest} names {path.name}, which does not exist; point it at an existing "
+                                  "step_<N> folder or remove it to start over")
+        return path
+
+    def maybe_save(self, step: int, engine, loader) -> Path | None:
+        return self.save(step, engine, loader) if self.due(step) else None
+
+    def save(self, step: int, engine, loader) -> Path:
+        tag = f"step_{step}"
+        tmp, final = self.root / f".tmp-{tag}", self.root / tag
+        if self.world.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-*"):
+                shutil.rmtree(stale)  # left by a crash mid-save; never a complete checkpoint
+        barrier()
+        trainer_state = {"step": step, "data": loader.state_dict()}
+        engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=trainer_state, save_latest=False)
+        torch.save(_rng_state(), tmp / f"rng_rank{self.world.rank}.pt")
+        export_hf(engine, tmp / "hf", self.world, self.tokenizer_path)
+        if self.world.is_main:
+            save_config(self.cfg, tmp / "config.yaml")
+            _atomic_write(tmp / "trainer.json", json.dumps(trainer_state, indent=2))
+        barrier()  # every rank's files are in tmp before it becomes a checkpoint
+        if self.world.is_main:
+            if final.exists():  # an earlier attempt at this step (before a requeue): replace it whole
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _atomic_write(self.root / "latest", tag)
+            self._prune()
+        barrier()
+        return final
+
+    def _prune(self) -> None:
+        steps = sorted((int(p.name.split("_")[1]), p) for p in self.root.glob("step_*") if p.is_dir())
+        for _, path in steps[: -self.cfg.checkpoint.keep_last]:
+            shutil.rmtree(path)
+
+    def load(self, engine, loader, path: Path | None = None) -> int:
+        """Restore model, optimizer, scheduler, RNG and data position; returns the step reached."""
+        path = path or self.latest()
+        if path is None:
+            raise CheckpointError(f"--resume: no checkpoint in {self.root}; train without --resume first")
+        check_compatible(path, self.cfg)
+        load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {path}; is it complete?")
+        loader.load_state_dict(client["data"])
+        rng = path / f"rng_rank{self.world.rank}.pt"
+        if rng.is_file():  # absent when the world size changed; then only the global seed carries over
+            _set_rng_state(torch.load(rng, weights_only=False))
+        return int(client["step"])

@@ -1,0 +1,322 @@
+"""The one config tree: dataclass sections, YAML values, dotted CLI overrides.
+
+Precedence is defaults < YAML file < command line (`--section.key=value`), as in torchtitan.
+Unknown keys and wrong types raise `ConfigError` naming the key and the file. Checks that span
+sections or need the world size live in `validate()`, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatrain.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run folder: config.yaml, metrics.jsonl, TensorBoard events and checkpoints/ go here."""
+    seed: int = 1234
+    """Seeds model init, data order and dropout."""
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder built from transformers' Llama classes (checkpoints stay HF-native)."""
+
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 0
+    """Key/value heads for grouped-query attention; 0 means num_heads (plain multi-head)."""
+    intermediate_size: int = 688
+    max_seq_len: int = 128
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    attention: str = "auto"
+    """auto | sdpa | flash_attention_2 | eager. auto takes flash-attn on a GPU when it imports."""
+    from_pretrained: str = ""
+    """A local Hugging Face folder (save_pretrained) to continue training from; empty = from scratch."""
+
+    def __post_init__(self):
+        if self.attention not in ("auto", "sdpa", "flash_attention_2", "eager"):
+            raise ConfigError(f"model.attention={self.attention!r}: use auto, sdpa, flash_attention_2 or eager")
+        kv = self.num_kv_heads or self.num_heads
+        if self.hidden_size % self.num_heads or self.num_heads % kv:
+            raise ConfigError(
+                f"model: hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_kv_heads={kv}: "
+                "hidden_size must divide by num_heads and num_heads by num_kv_heads")
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/linear1d/shards"
+    """Folder with manifest.json and shard-*.tar written by `megatrain-data deepmind shards`."""
+    eval_released: str = "data/linear1d/released"
+    """Released-format folder (DeepMind mathematics_dataset v1.0 layout) that eval reads."""
+    eval_module: str = "algebra__linear_1d"
+    eval_split: str = "interpolate"
+    num_workers: int = 1
+    """DataLoader worker processes per rank; 0 reads in the training process."""
+    verify: bool = True
+    """Check every shard's sha256 against the manifest before training."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps to train for (each is one global batch)."""
+    micro_batch_size: int = 32
+    """Samples per rank per forward/backward."""
+    global_batch_size: int = 0
+    """Samples per optimizer step over all ranks; 0 means micro_batch_size x data-parallel ranks."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 turns clipping off (DeepSpeed's own default is 1.0)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 1 / 30
+    """Final LR as a fraction of lr (LLEMMA: cosine to 1/30)."""
+    schedule: str = "cosine"
+    """cosine (warmup then cosine to min_lr_ratio) | linear (warmup then linear to min_lr_ratio) | constant."""
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"optim.schedule={self.schedule!r}: use cosine, linear or constant")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio}: must lie in [0, 1]")
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3, passed through deepspeed_config()."""
+    offload_optimizer: bool = False
+    """Keep optimizer state on the CPU and step there (DeepSpeedCPUAdam); needs zero_stage >= 1."""
+    offload_params: bool = False
+    """Keep parameters on the CPU between uses; needs zero_stage == 3."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of storing them."""
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100
+    """Save every this many steps (and at the last step); 0 saves only at the end."""
+    keep_last: int = 3
+    """Keep this many most recent checkpoints; older ones are deleted after a new one is complete."""
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 0
+    """Run the evaluator every this many steps during training; 0 only at the end."""
+    limit: int = 200
+    """Problems scored by in-training evals (the final eval uses final_limit)."""
+    final_limit: int = 1000
+    batch_size: int = 64
+    max_new_tokens: int = 24
+
+
+@dataclass
+class LogConfig:
+    interval: int = 10
+    """Write a metrics.jsonl line every this many steps."""
+    tensorboard: bool = True
+    progress: bool = True
+    """tqdm bar on rank 0."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: str = "fp32"
+    """fp32 | bf16 (DeepSpeed keeps fp32 master weights in bf16 mode)."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision={self.precision!r}: use fp32 or bf16")
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            return float(value)
+        except ValueError:
+            pass
+    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}{where}")
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}{where}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}{where}; known keys under "
+                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in values.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.", where)
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name, where)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{where}") from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--{dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """`--section.key=value` (or `--section.key value`) arguments to a nested dict; values parse as YAML."""
+    tree: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
+        key, sep, raw = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
+            raw, i = args[i + 1], i + 1
+        _set_dotted(tree, key, yaml.safe_load(raw) if raw != "" else "")
+        i += 1
+    return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults, then the YAML file, then the overrides.
+
+    Args:
+        path: a YAML file of values (sections as mappings); None for defaults only.
+        overrides: `--section.key=value` strings, or an already nested dict.
+
+    Returns:
+        The validated (per-section) Config. Call `validate(cfg, world_size)` once the world is known.
+    """
+    values: dict = {}
+    where = ""
+    if path is not None:
+        path = Path(path)
+        where = f" (in {path})"
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; recipes are in configs/")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    cfg = _build(Config, values, "", where)  # a bad file is reported as the file's fault
+    if overrides:
+        over = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
+        cfg = _build(Config, _merge(values, over), "", " (on the command line)")
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically: a reader never sees half a file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- cross-section checks
+
+def gradient_accumulation_steps(cfg: Config, dp_world_size: int) -> int:
+    """global = micro x accumulation x data-parallel ranks (gpt-neox's check_batch_parameters)."""
+    global_batch = cfg.train.global_batch_size or cfg.train.micro_batch_size * dp_world_size
+    per_step = cfg.train.micro_batch_size * dp_world_size
+    if global_batch % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={global_batch} does not divide by train.micro_batch_size="
+            f"{cfg.train.micro_batch_size} x {dp_world_size} data-parallel ranks = {per_step}; "
+            f"set train.global_batch_size to a multiple of {per_step}")
+    return global_batch // per_step
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Every check that spans sections or needs the world size, in one place."""
+    if world_size < 1:
+        raise ConfigError(f"world size {world_size}: need at least one rank")
+    for key, value in (("train.steps", cfg.train.steps), ("train.micro_batch_size", cfg.train.micro_batch_size),
+                       ("log.interval", cfg.log.interval), ("eval.batch_size", cfg.eval.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{key}={value}: must be at least 1")
+    for key, value in (("checkpoint.interval", cfg.checkpoint.interval), ("eval.interval", cfg.eval.interval),
+                       ("optim.warmup_steps", cfg.optim.warmup_steps), ("data.num_workers", cfg.data.num_workers),
+                       ("train.global_batch_size", cfg.train.global_batch_size),
+                       ("train.grad_clip", cfg.train.grad_clip)):
+        if value < 0:
+            raise ConfigError(f"{key}={value}: must not be negative")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: keep at least 1")
+    gradient_accumulation_steps(cfg, world_size)
+    p = cfg.parallel
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage}: DeepSpeed ZeRO stages are 0, 1, 2 and 3")
+    if p.offload_optimizer and p.zero_stage == 0:
+        raise ConfigError("parallel.offload_optimizer needs parallel.zero_stage >= 1")
+    if p.offload_params and p.zero_stage != 3:
+        raise ConfigError("parallel.offload_params needs parallel.zero_stage=3")
+    if cfg.optim.warmup_steps > cfg.train.steps:
+        raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds train.steps={cfg.train.steps}")
+    if not math.isfinite(cfg.optim.lr) or cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr={cfg.optim.lr}: must be a positive number")

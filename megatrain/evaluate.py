@@ -1,0 +1,115 @@
+"""Exact-match evaluation of question/answer models.
+
+Three numbers per module and overall:
+- `exact_match`: greedy generation after `<bos> question <sep>`, compared with the gold answer
+  after stripping whitespace. The headline.
+- `numeric_match`: the generated and gold answers parse to the same rational (`2/4` == `1/2`).
+- `teacher_forced_exact_match`: the gold answer is fed in and the argmax at every answer position
+  is decoded and compared as a string. This is what CyberSolve-LinAlg reports as "exact match"
+  (../shared/notes/data.md), printed beside ours so results compare with theirs.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import torch
+
+from megatrain.data.loader import collate, qa_example
+from megatrain.data.tokenizer import Tokenizer
+from megatrain.parallel.dims import World, all_reduce_sum
+from megatrain.parallel.zero import gathered_params
+
+
+def normalize(answer: str) -> str:
+    return "".join(answer.split())
+
+
+def as_rational(text: str) -> Fraction | None:
+    try:
+        return Fraction(normalize(text))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def score(prediction: str, gold: str) -> tuple[bool, bool]:
+    """(exact, numeric) match of one prediction."""
+    exact = normalize(prediction) == normalize(gold)
+    gold_value = as_rational(gold)
+    numeric = exact or (gold_value is not None and as_rational(prediction) == gold_value)
+    return exact, numeric
+
+
+def summarize(counts: dict[str, list[float]]) -> dict:
+    """counts: module -> [n, exact, numeric, teacher_forced] to fractions per module and overall."""
+    def rates(n, exact, numeric, forced):
+        return {"n": int(n), "exact_match": exact / max(n, 1), "numeric_match": numeric / max(n, 1),
+                "teacher_forced_exact_match": forced / max(n, 1)}
+    total = [sum(c[i] for c in counts.values()) for i in range(4)]
+    return {**rates(*total), "modules": {m: rates(*c) for m, c in sorted(counts.items())}}
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer: Tokenizer, questions: list[str], max_new_tokens: int,
+                     max_seq_len: int) -> list[str]:
+    """Greedy answers for a batch of questions (left-padded so every row generates from its end)."""
+    device = next(model.parameters()).device
+    prompts = [[tokenizer.bos_id, *tokenizer.encode(q)[-(max_seq_len - max_new_tokens - 2):], tokenizer.sep_id]
+               for q in questions]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), tokenizer.pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+        attention_mask[row, width - len(prompt):] = 1
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_id,
+                         pad_token_id=tokenizer.pad_id)
+    answers = []
+    for row in out[:, width:].tolist():
+        if tokenizer.eos_id in row:
+            row = row[: row.index(tokenizer.eos_id)]
+        answers.append(tokenizer.decode(row))
+    return answers
+
+
+@torch.no_grad()
+def teacher_forced(model, tokenizer: Tokenizer, pairs: list[tuple[str, str]], max_seq_len: int) -> list[bool]:
+    ids = {"bos": tokenizer.bos_id, "sep": tokenizer.sep_id, "eos": tokenizer.eos_id}
+    examples = [qa_example(torch.tensor(tokenizer.encode(q)), torch.tensor(tokenizer.encode(a)), ids, max_seq_len)
+                for q, a in pairs]
+    batch = collate(examples, tokenizer.pad_id)
+    device = next(model.parameters()).device
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    predicted = logits.argmax(-1).cpu()  # (B, T): position t predicts token t+1
+    results = []
+    for row, ((tokens, start), (_, gold)) in enumerate(zip(examples, pairs)):
+        answer_positions = range(start - 1, len(tokens) - 2)  # the answer's tokens, not its <eos>
+        results.append(normalize(tokenizer.decode(predicted[row, answer_positions].tolist())) == normalize(gold))
+    return results
+
+
+def evaluate(model, tokenizer: Tokenizer, problems: list[tuple[str, str, str]], world: World, batch_size: int,
+             max_new_tokens: int, max_seq_len: int) -> dict:
+    """Score (module, question, answer) problems; each rank takes a strided share, counts are summed.
+
+    Every rank must call this (the final sum is a collective). Under ZeRO-3 the parameters are
+    gathered for the duration so that ranks can generate different numbers of tokens.
+    """
+    was_training = model.training
+    model.eval()
+    counts: dict[str, list[float]] = {m: [0.0] * 4 for m in sorted({p[0] for p in problems})}
+    mine = problems[world.rank::world.world_size]
+    with gathered_params(model):
+        for i in range(0, len(mine), batch_size):
+            chunk = mine[i: i + batch_size]
+            predictions = generate_answers(model, tokenizer, [q for _, q, _ in chunk], max_new_tokens, max_seq_len)
+            forced = teacher_forced(model, tokenizer, [(q, a) for _, q, a in chunk], max_seq_len)
+            for (module, _, gold), prediction, forced_ok in zip(chunk, predictions, forced):
+                exact, numeric = score(prediction, gold)
+                c = counts[module]
+                c[0] += 1; c[1] += exact; c[2] += numeric; c[3] += forced_ok  # noqa: E702
+    flat = all_reduce_sum([v for m in counts for v in counts[m]])
+    counts = {m: flat[4 * i: 4 * i + 4] for i, m in enumerate(counts)}
+    model.train(was_training)
+    return summarize(counts)

@@ -1,0 +1,86 @@
+"""Throughput, MFU and loss: metrics.jsonl, TensorBoard events and a tqdm bar, from rank 0."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from megatrain.parallel.dims import World, all_reduce_sum
+
+# Dense bf16 peak FLOP/s per device, from the vendors' datasheets (as torchtitan's get_peak_flops).
+# CPUs are absent on purpose: their peak depends on cores, clocks and ISA, so no MFU is reported.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12,
+                   "L4": 121e12, "V100": 125e12}
+
+
+def peak_flops(device_type: str, precision: str) -> float | None:
+    """The device's peak for MFU, or None where it is not known (CPUs, fp32, unlisted GPUs)."""
+    if device_type != "cuda" or precision != "bf16":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+class Metrics:
+    """Collects per-step numbers on every rank and writes one line per `log.interval` steps on rank 0.
+
+    Loss is averaged over ranks and over the steps since the last line; tokens/s counts the real
+    (unpadded) tokens of all ranks, so padding does not inflate it.
+    """
+
+    def __init__(self, run_dir: str, log_interval: int, world: World, total_steps: int, start_step: int,
+                 flops_per_token: float, peak: float | None, tensorboard: bool, progress: bool):
+        self.log_interval, self.world = log_interval, world
+        self.flops_per_token, self.peak = flops_per_token, peak
+        self._loss_sum, self._tokens, self._steps = 0.0, 0.0, 0
+        self._t0 = time.perf_counter()
+        self.last: dict = {}
+        self._jsonl = self._tb = self._bar = None
+        if world.is_main:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            if progress:
+                from tqdm import tqdm
+                self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def step(self, step: int, loss: float, tokens: int, lr: float, extra: dict | None = None) -> dict | None:
+        self._loss_sum += loss
+        self._tokens += tokens
+        self._steps += 1
+        if self._bar is not None:
+            self._bar.update(1)
+        if step % self.log_interval and not extra:
+            return None
+        loss_sum, token_sum = all_reduce_sum([self._loss_sum, self._tokens])
+        elapsed = time.perf_counter() - self._t0
+        record = {"step": step, "loss": loss_sum / (self._steps * self.world.world_size), "lr": lr,
+                  "tokens_per_s": token_sum / elapsed}
+        if self.peak:
+            record["mfu"] = self.flops_per_token * record["tokens_per_s"] / (self.peak * self.world.world_size)
+        record.update(extra or {})
+        self._loss_sum, self._tokens, self._steps, self._t0 = 0.0, 0.0, 0, time.perf_counter()
+        self.write(record)
+        return record
+
+    def write(self, record: dict) -> None:
+        self.last = record
+        if not self.world.is_main:
+            return
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, record["step"])
+        if self._bar is not None and "loss" in record:
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+    def close(self) -> None:
+        for handle in (self._bar, self._tb, self._jsonl):
+            if handle is not None:
+                handle.close()

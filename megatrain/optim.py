@@ -1,0 +1,51 @@
+"""Optimizer and learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+
+from megatrain.config import Config, OptimConfig
+
+
+def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier of cfg.lr after `step` optimizer steps: linear warmup, then cosine or linear decay.
+
+    Pure function, so schedules are unit-tested without an optimizer. LLEMMA: 500 warmup steps, cosine
+    to 1/30; CyberSolve: linear decay.
+    """
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    if cfg.schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:  # linear
+        shape = 1.0 - progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on norms and biases, as in nanoGPT).
+
+    With optimizer offload the step runs on the CPU in DeepSpeedCPUAdam (DeepSpeed requires it);
+    otherwise torch's AdamW (foreach on CPU, fused on GPU).
+    """
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if cfg.parallel.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
+    fused = torch.cuda.is_available()
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, total_steps=cfg.train.steps, cfg=cfg.optim))

@@ -1,0 +1,133 @@
+"""The training loop: build, resume, step, log, evaluate, checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatrain.checkpoint import Checkpointer, check_compatible
+from megatrain.config import Config, gradient_accumulation_steps, save_config, validate
+from megatrain.data.loader import QALoader
+from megatrain.data.released import read_split
+from megatrain.data.shards import ShardSet
+from megatrain.data.tokenizer import Tokenizer
+from megatrain.errors import CheckpointError, DataError
+from megatrain.evaluate import evaluate
+from megatrain.metrics import Metrics, peak_flops
+from megatrain.model.llama import build_model, flops_per_token, num_params
+from megatrain.optim import build_optimizer, build_scheduler
+from megatrain.parallel.checkpointing import apply_ac
+from megatrain.parallel.dims import World, init_world
+from megatrain.parallel.zero import wrap
+
+
+def preflight(cfg: Config, world_size: int, resume: bool) -> ShardSet:
+    """Every check that can fail on the user's input, before any process group, engine or file is made."""
+    validate(cfg, world_size)
+    shards = ShardSet(cfg.data.shards)
+    checkpoints = Path(cfg.run.dir) / "checkpoints"
+    has_checkpoint = (checkpoints / "latest").is_file()
+    if resume and has_checkpoint:
+        check_compatible(checkpoints / (checkpoints / "latest").read_text().strip(), cfg)
+    if resume and not has_checkpoint:
+        raise CheckpointError(f"--resume: no checkpoint in {checkpoints}; train without --resume first")
+    if not resume and has_checkpoint:
+        raise CheckpointError(f"{cfg.run.dir} already has checkpoints; pass --resume to continue that run, "
+                              "or set --run.dir to a new folder (nothing was overwritten)")
+    return shards
+
+
+def verify_shards(shards: ShardSet, world: World) -> None:
+    """Hash-check the shards once, rank 0 only, and stop every rank with rank 0's message."""
+    message = [None]
+    if world.is_main:
+        try:
+            shards.verify()
+        except DataError as e:
+            message[0] = str(e)
+    if world.world_size > 1:
+        torch.distributed.broadcast_object_list(message, src=0)
+    if message[0]:
+        raise DataError(message[0])
+
+
+def load_problems(cfg: Config, limit: int) -> list[tuple[str, str, str]]:
+    pairs = read_split(cfg.data.eval_released, cfg.data.eval_module, [cfg.data.eval_split])
+    return [(cfg.data.eval_module, q, a) for q, a in pairs[:limit]]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_step(engine, loader: QALoader, accumulation: int) -> tuple[float, int]:
+    """One optimizer step over `accumulation` micro-batches; DeepSpeed steps on the last one."""
+    loss_sum, tokens = 0.0, 0
+    for _ in range(accumulation):
+        batch = {k: v.to(engine.device) for k, v in next(loader).items()}
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.item()
+        tokens += int(batch["attention_mask"].sum())
+    return loss_sum / accumulation, tokens
+
+
+def train(cfg: Config, resume: bool = False) -> dict:
+    """Train cfg.train.steps optimizer steps (continuing a checkpoint with resume) and evaluate.
+
+    Returns:
+        The final evaluation summary (also written to <run.dir>/eval.json).
+    """
+    shards = preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)), resume)
+    world = init_world()
+    if cfg.data.verify:
+        verify_shards(shards, world)
+    seed_everything(cfg.run.seed)
+    tokenizer = Tokenizer(shards.tokenizer_path)
+    if world.is_main:
+        Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.run.dir) / "config.yaml")
+
+    model = build_model(cfg.model, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id,
+                        world.device_type)
+    apply_ac(model, cfg.parallel.activation_checkpointing)
+    optimizer = build_optimizer(model, cfg)
+    engine = wrap(model, optimizer, build_scheduler(optimizer, cfg), cfg, world.world_size)
+    accumulation = gradient_accumulation_steps(cfg, world.world_size)
+    loader = QALoader(shards, cfg.run.seed, world.rank, world.world_size, cfg.train.micro_batch_size,
+                      cfg.model.max_seq_len, cfg.data.num_workers)
+    checkpointer = Checkpointer(cfg, world, shards.tokenizer_path)
+    start = checkpointer.load(engine, loader) if resume else 0
+
+    metrics = Metrics(cfg.run.dir, cfg.log.interval, world, cfg.train.steps, start,
+                      flops_per_token(cfg.model, num_params(model), cfg.model.max_seq_len),
+                      peak_flops(world.device_type, cfg.precision), cfg.log.tensorboard, cfg.log.progress)
+    eval_problems = load_problems(cfg, cfg.eval.limit) if cfg.eval.interval else []
+
+    def run_eval(problems):
+        return evaluate(engine.module, tokenizer, problems, world, cfg.eval.batch_size, cfg.eval.max_new_tokens,
+                        cfg.model.max_seq_len)
+
+    for step in range(start + 1, cfg.train.steps + 1):
+        loss, tokens = train_step(engine, loader, accumulation)
+        extra = None
+        if cfg.eval.interval and step % cfg.eval.interval == 0:
+            result = run_eval(eval_problems)
+            extra = {f"eval/{k}": result[k] for k in ("exact_match", "numeric_match", "teacher_forced_exact_match")}
+        metrics.step(step, loss, tokens, engine.get_lr()[0], extra)
+        checkpointer.maybe_save(step, engine, loader)
+    metrics.close()
+
+    summary = run_eval(load_problems(cfg, cfg.eval.final_limit)) if cfg.eval.final_limit else {}
+    if world.is_main:
+        summary["step"] = cfg.train.steps
+        (Path(cfg.run.dir) / "eval.json").write_text(json.dumps(summary, indent=2))
+    return summary

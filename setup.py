@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatrain",
+    version="0.1.0",
+    description="DeepSpeed ZeRO pretraining and fine-tuning of language models on math corpora",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatrain", "megatrain.*", "launch", "launch.*", "data_tools", "data_tools.*"]),
+    # torch is deliberately unpinned here: install it first (the Makefile does, torch==2.13.0 on
+    # CPU); a bare resolver run with no torch present would pull the CUDA build.
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.19.8,<0.20",
+        "transformers>=5.23,<6",
+        "safetensors>=0.8",
+        "sentencepiece>=0.2.3",
+        "webdataset>=1.0.2",
+        "numpy>=1.26",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "tensorboard>=2.16",
+        "submitit>=1.5.4",
+        # The DeepMind generator; data_tools/deepmind.py bridges its sympy/numpy incompatibilities.
+        "mathematics_dataset==1.0.1",
+        "absl-py",
+        "six",
+    ],
+    extras_require={
+        "gpu": ["flash-attn>=2.6"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+    },
+    entry_points={"console_scripts": ["megatrain=megatrain.cli:main", "megatrain-data=data_tools.cli:main"]},
+)

@@ -1,0 +1,99 @@
+"""The config tree: every recipe loads, bad input names the key and the file, DeepSpeed JSON is derived."""
+
+from pathlib import Path
+
+import pytest
+
+from megatrain.config import Config, gradient_accumulation_steps, load_config, parse_overrides, validate
+from megatrain.errors import ConfigError
+from megatrain.parallel.zero import deepspeed_config
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("**/*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_recipe_loads_and_validates(path):
+    cfg = load_config(path)
+    validate(cfg, world_size=2)
+    ds = deepspeed_config(cfg, 2)
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
+
+
+def test_required_key_names_exist():
+    cfg = load_config(None, ["--run.dir=/tmp/x", "--train.steps=5", "--log.interval=2",
+                             "--checkpoint.interval=3", "--parallel.zero_stage=3", "--precision=bf16"])
+    assert (cfg.run.dir, cfg.train.steps, cfg.log.interval) == ("/tmp/x", 5, 2)
+    assert (cfg.checkpoint.interval, cfg.parallel.zero_stage, cfg.precision) == (3, 3, "bf16")
+
+
+def test_precedence_defaults_file_cli(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 0.01\ntrain:\n  steps: 7\n")
+    cfg = load_config(f, ["--optim.lr=1e-4"])
+    assert cfg.optim.lr == 1e-4 and cfg.train.steps == 7 and cfg.model.hidden_size == Config().model.hidden_size
+
+
+def test_unknown_key_in_file_names_key_and_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("parallel:\n  zero_stag: 2\n")
+    with pytest.raises(ConfigError, match=r"parallel\.zero_stag.*bad\.yaml"):
+        load_config(f)
+
+
+def test_unknown_section_and_cli_key():
+    with pytest.raises(ConfigError, match="unknown config key trian"):
+        load_config(None, ["--trian.steps=3"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--train.steps=ten", r"train\.steps: expected int, got str"),
+    ("--train.steps=true", r"train\.steps: expected int, got bool"),
+    ("--precision=fp16", "use fp32 or bf16"),
+    ("--optim.schedule=step", "optim.schedule"),
+    ("--log.progress=3", r"log\.progress: expected bool"),
+])
+def test_wrong_types_and_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_float_accepts_int_and_exponent_strings():
+    assert load_config(None, ["--optim.lr=1"]).optim.lr == 1.0
+    assert load_config(None, ["--optim.lr=3e-4"]).optim.lr == 3e-4  # YAML 1.1 reads this as a string
+
+
+def test_batch_arithmetic_vs_world_size():
+    cfg = load_config(None, ["--train.micro_batch_size=4", "--train.global_batch_size=24"])
+    assert gradient_accumulation_steps(cfg, 2) == 3
+    with pytest.raises(ConfigError, match="does not divide.*multiple of 16"):
+        validate(cfg, world_size=4)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--parallel.zero_stage=4"], "stages are 0, 1, 2 and 3"),
+    (["--parallel.zero_stage=0", "--parallel.offload_optimizer=true"], "needs parallel.zero_stage >= 1"),
+    (["--parallel.zero_stage=2", "--parallel.offload_params=true"], "needs parallel.zero_stage=3"),
+    (["--optim.warmup_steps=50", "--train.steps=10"], "exceeds train.steps"),
+    (["--checkpoint.keep_last=0"], "keep at least 1"),
+])
+def test_cross_section_checks(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(load_config(None, overrides), world_size=2)
+
+
+def test_deepspeed_config_is_derived():
+    cfg = load_config(None, ["--parallel.zero_stage=3", "--parallel.offload_optimizer=true",
+                             "--parallel.offload_params=true", "--precision=bf16", "--train.grad_clip=0",
+                             "--train.micro_batch_size=2", "--train.global_batch_size=8"])
+    ds = deepspeed_config(cfg, 2)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0.0  # explicit: DeepSpeed defaults to 1.0
+    assert (ds["train_batch_size"], ds["gradient_accumulation_steps"]) == (8, 2)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="overrides look like"):
+        parse_overrides(["train.steps=3"])
+    assert parse_overrides(["--train.steps", "3"]) == {"train": {"steps": 3}}
