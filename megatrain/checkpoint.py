@@ -113,9 +113,6 @@ class Checkpointer:
                                   "step_<N> folder or remove it to start over")
         return path
 
-    def maybe_save(self, step: int, engine, loader) -> Path | None:
-        return self.save(step, engine, loader) if self.due(step) else None
-
     def save(self, step: int, engine, loader) -> Path:
         tag = f"step_{step}"
         tmp, final = self.root / f".tmp-{tag}", self.root / tag

@@ -25,7 +25,7 @@ def _train(args, overrides: list[str]) -> int:
         argv = ["train", args.config, *(["--resume"] if args.resume else []), *overrides]
         return run_local(args.nproc, argv)
     summary = train(cfg, resume=args.resume)
-    if int(os.environ.get("RANK", 0)) == 0 and summary:
+    if int(os.environ.get("RANK", 0)) == 0 and summary.get("n"):
         print(json.dumps({k: summary[k] for k in ("n", "exact_match", "numeric_match",
                                                    "teacher_forced_exact_match")}))
     return 0
@@ -38,6 +38,9 @@ def _load(checkpoint: str):
     from megatrain.model.llama import pick_attention
     from transformers import LlamaForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stdout/stderr carry only the answer or the JSON
     path = resolve(checkpoint)
     cfg = load_config(path / "config.yaml")
     model = LlamaForCausalLM.from_pretrained(path / "hf", attn_implementation=pick_attention("auto", "cpu"),

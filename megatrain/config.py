@@ -81,6 +81,9 @@ class TrainConfig:
     """Samples per optimizer step over all ranks; 0 means micro_batch_size x data-parallel ranks."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 turns clipping off (DeepSpeed's own default is 1.0)."""
+    exit_interval: int = 0
+    """Stop this process after this many steps, with a checkpoint (as Megatron's --exit-interval); the
+    schedule still runs to `steps`, so `--resume` continues as if never stopped. 0 runs to the end."""
 
 
 @dataclass
@@ -303,7 +306,8 @@ def validate(cfg: Config, world_size: int) -> None:
     for key, value in (("checkpoint.interval", cfg.checkpoint.interval), ("eval.interval", cfg.eval.interval),
                        ("optim.warmup_steps", cfg.optim.warmup_steps), ("data.num_workers", cfg.data.num_workers),
                        ("train.global_batch_size", cfg.train.global_batch_size),
-                       ("train.grad_clip", cfg.train.grad_clip)):
+                       ("train.grad_clip", cfg.train.grad_clip),
+                       ("train.exit_interval", cfg.train.exit_interval)):
         if value < 0:
             raise ConfigError(f"{key}={value}: must not be negative")
     if cfg.checkpoint.keep_last < 1:

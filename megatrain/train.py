@@ -116,15 +116,19 @@ def train(cfg: Config, resume: bool = False) -> dict:
         return evaluate(engine.module, tokenizer, problems, world, cfg.eval.batch_size, cfg.eval.max_new_tokens,
                         cfg.model.max_seq_len)
 
-    for step in range(start + 1, cfg.train.steps + 1):
+    last = cfg.train.steps if not cfg.train.exit_interval else min(cfg.train.steps, start + cfg.train.exit_interval)
+    for step in range(start + 1, last + 1):
         loss, tokens = train_step(engine, loader, accumulation)
         extra = None
         if cfg.eval.interval and step % cfg.eval.interval == 0:
             result = run_eval(eval_problems)
             extra = {f"eval/{k}": result[k] for k in ("exact_match", "numeric_match", "teacher_forced_exact_match")}
         metrics.step(step, loss, tokens, engine.get_lr()[0], extra)
-        checkpointer.maybe_save(step, engine, loader)
+        if checkpointer.due(step) or step == last:
+            checkpointer.save(step, engine, loader)
     metrics.close()
+    if last < cfg.train.steps:  # exit_interval: stopped early on purpose, the final eval belongs to the end
+        return {}
 
     summary = run_eval(load_problems(cfg, cfg.eval.final_limit)) if cfg.eval.final_limit else {}
     if world.is_main:

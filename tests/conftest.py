@@ -1,0 +1,82 @@
+"""Shared fixtures: a small real DeepMind dataset, its shards, and a runner for real 2-rank jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "cpu-smoke.yaml"
+
+
+@pytest.fixture(scope="session")
+def deepspeed_ops():
+    """Build DeepSpeed's C++ ops once per session, before any rank needs them.
+
+    They land in TORCH_EXTENSIONS_DIR (shared by every process), so the ~60 s shm-comm and ~90 s
+    cpu_adam compiles are paid here once, and never concurrently by two ranks inside a test.
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    for name in ("ShareMemCommBuilder", "CPUAdamBuilder"):
+        get_accelerator().create_op_builder(name).load(verbose=False)
+
+
+@pytest.fixture(scope="session")
+def dm_data(tmp_path_factory):
+    """Real generated algebra__linear_1d problems in the released format, and shards built from them."""
+    from data_tools.deepmind import generate_released
+    from data_tools.shards import build_qa_shards
+    from data_tools.tokenizer import train_tokenizer
+    from megatrain.data.released import TRAIN_SPLITS, read_split
+
+    root = tmp_path_factory.mktemp("dm")
+    released = generate_released(root / "released", "algebra__linear_1d", train=1200, test=64, seed=3,
+                                 progress=False)
+    pairs = read_split(released, "algebra__linear_1d", TRAIN_SPLITS)
+    tokenizer = train_tokenizer((t for pair in pairs for t in pair), root / "tok", vocab_size=512)
+    build_qa_shards(pairs, tokenizer, root / "shards", samples_per_shard=512, block_size=128)
+    return {"released": released, "shards": root / "shards"}
+
+
+def run_megatrain(*args: str, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+    """`python -m megatrain ARGS` as a user would run it; output captured for the assertions."""
+    return subprocess.run([sys.executable, "-m", "megatrain", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, **popen)
+
+
+@pytest.fixture(scope="session")
+def train_smoke(dm_data, deepspeed_ops):
+    """Train configs/cpu-smoke.yaml on the test data with 2 local ranks; returns the run folder."""
+    def train(run_dir: Path, *overrides: str, nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+        result = run_megatrain("train", SMOKE, "--nproc", nproc, f"--run.dir={run_dir}",
+                               f"--data.shards={dm_data['shards']}", f"--data.eval_released={dm_data['released']}",
+                               *overrides)
+        if check:
+            assert result.returncode == 0, result.stderr[-3000:]
+        return result
+    return train
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss from metrics.jsonl (later lines win: a resumed run rewrites the steps it repeats)."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_run(train_smoke, tmp_path_factory):
+    """The fp32 ZeRO-2 run every parity test compares with (8 steps, cosine schedule)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "reference"
+    train_smoke(run_dir)
+    return run_dir
