@@ -77,6 +77,9 @@ def _generate(args, overrides: list[str]) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatrain", description=__doc__)
+    # The deepspeed launcher passes --local_rank=N (before our arguments); LOCAL_RANK in the
+    # environment says the same, so it is accepted and ignored.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train from a YAML recipe; --section.key=value overrides it")
     t.add_argument("config")

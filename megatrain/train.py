@@ -22,7 +22,7 @@ from megatrain.metrics import Metrics, peak_flops
 from megatrain.model.llama import build_model, flops_per_token, num_params
 from megatrain.optim import build_optimizer, build_scheduler
 from megatrain.parallel.checkpointing import apply_ac
-from megatrain.parallel.dims import World, init_world
+from megatrain.parallel.dims import World, init_world, shutdown
 from megatrain.parallel.zero import wrap
 
 
@@ -127,11 +127,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
         if checkpointer.due(step) or step == last:
             checkpointer.save(step, engine, loader)
     metrics.close()
-    if last < cfg.train.steps:  # exit_interval: stopped early on purpose, the final eval belongs to the end
-        return {}
-
-    summary = run_eval(load_problems(cfg, cfg.eval.final_limit)) if cfg.eval.final_limit else {}
-    if world.is_main:
-        summary["step"] = cfg.train.steps
-        (Path(cfg.run.dir) / "eval.json").write_text(json.dumps(summary, indent=2))
+    summary = {}
+    # After an exit_interval stop the final eval belongs to the run's real end, not here.
+    if last == cfg.train.steps and cfg.eval.final_limit:
+        summary = run_eval(load_problems(cfg, cfg.eval.final_limit))
+        if world.is_main:
+            (Path(cfg.run.dir) / "eval.json").write_text(json.dumps({"step": last, **summary}, indent=2))
+    shutdown()
     return summary

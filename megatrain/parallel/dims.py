@@ -60,6 +60,13 @@ def init_world() -> World:
                  world_size=torch.distributed.get_world_size(), device_type=dev)
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly, so no rank exits while another still talks to it."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

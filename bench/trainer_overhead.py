@@ -1,0 +1,232 @@
+"""Trainer overhead: megatrain's training step (DeepSpeed engine) against a plain PyTorch loop.
+
+Both sides train the same model (identical initial weights) on the same fixed list of synthetic
+batches with the same AdamW hyper-parameters, param groups, LR schedule and gradient clipping. They
+are timed in alternating blocks in one process (which side goes first flips every round), so a
+change in the machine's load hits both; each side's time is the median over rounds.
+
+    python bench/trainer_overhead.py                       # fp32, ZeRO-2
+    python bench/trainer_overhead.py --zero-stage 0 --precision bf16
+
+The last line printed is `overhead ratio: X.XX` (median megatrain ms/step / median plain ms/step).
+Goal: <= 1.05.
+
+bf16: DeepSpeed runs forward/backward in bf16 and keeps fp32 master weights and optimizer state.
+`--plain-bf16 master` (default) gives the plain loop the same recipe by hand (bf16 model, fp32
+master copy stepped by AdamW, copied back); `--plain-bf16 pure` steps AdamW on the bf16 weights,
+cheaper and numerically different.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# Run from a checkout without `pip install -e .`; with it, this is the same folder.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from megatrain.config import load_config, validate  # noqa: E402
+from megatrain.model.llama import build_model, num_params  # noqa: E402
+from megatrain.optim import build_optimizer, build_scheduler  # noqa: E402
+from megatrain.parallel.dims import init_world  # noqa: E402  (sets DS_ACCELERATOR before deepspeed loads)
+from megatrain.parallel.zero import wrap  # noqa: E402
+from megatrain.train import train_step  # noqa: E402
+
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=2)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per side per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per side before the first round")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=688, help="intermediate (MLP) size")
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--micro-batch", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--grad-clip", type=float, default=None, help="default: megatrain's train.grad_clip")
+    p.add_argument("--num-batches", type=int, default=4, help="distinct synthetic batches, cycled")
+    p.add_argument("--plain-bf16", choices=("master", "pure"), default="master")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch.set_num_threads; 0 keeps torch's default. On a machine whose cores are busy "
+                        "with other jobs, 1 avoids timing OpenMP threads waiting for descheduled peers")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace, total_steps: int):
+    overrides = [
+        f"--model.hidden_size={args.hidden}", f"--model.num_layers={args.layers}",
+        f"--model.num_heads={args.heads}", f"--model.intermediate_size={args.ffn}",
+        f"--model.max_seq_len={args.seq}", f"--train.micro_batch_size={args.micro_batch}",
+        f"--train.steps={total_steps}", f"--optim.warmup_steps={max(1, total_steps // 10)}",
+        f"--parallel.zero_stage={args.zero_stage}", f"--precision={args.precision}",
+        f"--run.seed={args.seed}",
+    ]
+    if args.grad_clip is not None:
+        overrides.append(f"--train.grad_clip={args.grad_clip}")
+    return load_config(None, overrides)
+
+
+def synthetic_batches(args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(args.seed)
+    batches = []
+    for _ in range(args.num_batches):
+        input_ids = torch.randint(3, args.vocab, (args.micro_batch, args.seq), generator=g)  # (B, T)
+        batches.append({"input_ids": input_ids, "labels": input_ids.clone(),
+                        "attention_mask": torch.ones_like(input_ids)})
+    return batches
+
+
+class Batches:
+    """The `next(loader)` that train_step calls, cycling over a fixed list."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]]):
+        self.batches, self.i = batches, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return batch
+
+
+class PlainTrainer:
+    """nanoGPT-style loop: forward, backward, clip, AdamW, LambdaLR, zero_grad."""
+
+    def __init__(self, model: torch.nn.Module, cfg, batches, device: str, plain_bf16: str):
+        self.model, self.cfg, self.device = model.to(device).train(), cfg, device
+        self.loader = Batches(batches)
+        self.master = None  # fp32 copies of bf16 weights, in model.parameters() order
+        params = [p for p in model.parameters() if p.requires_grad]
+        if cfg.precision == "bf16":
+            # Parameters only, as DeepSpeed's engine does: buffers (rotary inv_freq) stay fp32.
+            for p in params:
+                p.data = p.data.to(torch.bfloat16)
+            if plain_bf16 == "master":
+                self.master = [p.detach().float().clone().requires_grad_(True) for p in params]
+        stepped = self.master if self.master is not None else params
+        o = cfg.optim
+        # As build_optimizer: weight decay on matrices only.
+        groups = [{"params": [p for p in stepped if p.dim() >= 2], "weight_decay": o.weight_decay},
+                  {"params": [p for p in stepped if p.dim() < 2], "weight_decay": 0.0}]
+        fused = torch.cuda.is_available()
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.params = params
+
+    def step(self) -> float:
+        batch = {k: v.to(self.device) for k, v in next(self.loader).items()}
+        loss = self.model(**batch).loss
+        loss.backward()
+        if self.master is not None:
+            for m, p in zip(self.master, self.params):
+                m.grad = p.grad.float()
+                p.grad = None
+        stepped = self.master if self.master is not None else self.params
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(stepped, self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.master is not None:
+            with torch.no_grad():
+                for m, p in zip(self.master, self.params):
+                    p.copy_(m)
+        return loss.item()
+
+
+def timed(run_step, n: int, losses: list[float]) -> float:
+    """Seconds for n steps of run_step; each step's loss is appended to `losses`."""
+    start = time.perf_counter()
+    for _ in range(n):
+        losses.append(run_step())
+    return time.perf_counter() - start
+
+
+def loss_agreement(a: list[float], b: list[float]) -> tuple[float, int]:
+    """Largest relative difference |a-b|/|b| over steps, and the step (1-based) where it occurs."""
+    worst, where = 0.0, 0
+    for i, (x, y) in enumerate(zip(a, b)):
+        rel = abs(x - y) / max(abs(y), 1e-12)
+        if rel > worst:
+            worst, where = rel, i + 1
+    return worst, where
+
+
+def main(argv=None) -> float:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    total_steps = args.warmup + args.rounds * args.steps
+    cfg = build_config(args, total_steps)
+    world = init_world()
+    validate(cfg, world.world_size)
+    import deepspeed
+    deepspeed.utils.logger.setLevel(logging.WARNING)  # engine-build INFO lines would bury the table
+
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg.model, args.vocab, PAD_ID, BOS_ID, EOS_ID, world.device_type)
+    plain_model = build_model(cfg.model, args.vocab, PAD_ID, BOS_ID, EOS_ID, world.device_type)
+    plain_model.load_state_dict(model.state_dict())  # identical initial weights, taken before wrapping
+    n_params = num_params(model, exclude_embeddings=False)
+
+    optimizer = build_optimizer(model, cfg)
+    engine = wrap(model, optimizer, build_scheduler(optimizer, cfg), cfg, world.world_size)
+    batches = synthetic_batches(args)
+    loader = Batches(batches)
+    plain = PlainTrainer(plain_model, cfg, batches, engine.device, args.plain_bf16)
+
+    sides = {"megatrain": lambda: train_step(engine, loader, 1)[0], "plain": plain.step}
+    losses = {name: [] for name in sides}
+    times = {name: [] for name in sides}
+    for name, run_step in sides.items():
+        timed(run_step, args.warmup, losses[name])
+    order = list(sides)
+    for r in range(args.rounds):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            times[name].append(timed(sides[name], args.steps, losses[name]) / args.steps)
+
+    tokens_per_step = args.micro_batch * args.seq
+    print(f"\nmodel: {n_params / 1e6:.2f}M params (hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, "
+          f"vocab {args.vocab}); batch {args.micro_batch}x{args.seq} = {tokens_per_step} tokens/step")
+    print(f"precision {cfg.precision}, ZeRO-{cfg.parallel.zero_stage}, grad_clip {cfg.train.grad_clip}, "
+          f"{args.rounds} rounds x {args.steps} steps (+{args.warmup} warmup), torch threads "
+          f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}, torch {torch.__version__}, "
+          f"deepspeed {deepspeed.__version__}" + (f", plain bf16: {args.plain_bf16}" if cfg.precision == "bf16" else ""))
+    print("ms/step per round:")
+    for name in sides:
+        print(f"  {name:<10} " + " ".join(f"{t * 1e3:8.1f}" for t in times[name]))
+    print(f"| side      | median ms/step | min ms/step | tokens/s |")
+    print(f"|-----------|---------------:|------------:|---------:|")
+    median = {name: statistics.median(times[name]) for name in sides}
+    for name in sides:
+        print(f"| {name:<9} | {median[name] * 1e3:14.1f} | {min(times[name]) * 1e3:11.1f} | "
+              f"{tokens_per_step / median[name]:8.0f} |")
+    worst, where = loss_agreement(losses["megatrain"], losses["plain"])
+    tolerance = 1e-4 if cfg.precision == "fp32" else 5e-2
+    verdict = "agree" if worst <= tolerance else "DIFFER"
+    print(f"losses over {len(losses['plain'])} steps: megatrain {losses['megatrain'][0]:.6f} -> "
+          f"{losses['megatrain'][-1]:.6f}, plain {losses['plain'][0]:.6f} -> {losses['plain'][-1]:.6f}; "
+          f"max relative difference {worst:.2e} at step {where} ({verdict}, tolerance {tolerance:g})")
+    ratio = median["megatrain"] / median["plain"]
+    print(f"overhead ratio: {ratio:.2f}")
+    return ratio
+
+
+if __name__ == "__main__":
+    main()

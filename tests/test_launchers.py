@@ -1,0 +1,30 @@
+"""The same job under torchrun and the deepspeed launcher: the ranks come from their environment."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SMOKE, losses
+
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "megatrain"],
+    # On CPU `deepspeed` counts NUMA nodes as devices; --num_gpus asks for 2 ranks explicitly.
+    "deepspeed": ["deepspeed", "--num_gpus", "2", "--module", "megatrain"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_launcher_gives_the_same_run_as_nproc(launcher, dm_data, reference_run, tmp_path, deepspeed_ops):
+    if launcher == "deepspeed" and not shutil.which("deepspeed"):
+        pytest.skip("the deepspeed launcher script is not on PATH (pip install deepspeed puts it there)")
+    cmd = [*LAUNCHERS[launcher], "train", str(SMOKE), f"--run.dir={tmp_path / 'run'}",
+           f"--data.shards={dm_data['shards']}", f"--data.eval_released={dm_data['released']}"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(tmp_path / "run") == losses(reference_run)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step_8").glob("rng_rank*")) == [
+        "rng_rank0.pt", "rng_rank1.pt"]
