@@ -2,7 +2,7 @@
 PYTHON ?= python3
 DATA := data/linear1d
 RUN_DIR := runs/linear1d-tiny
-DEMO_TRAIN := 30000
+DEMO_TRAIN := 150000
 DEMO_TEST := 1000
 
 .PHONY: install demo test clean-demo

@@ -318,6 +318,11 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"parallel.zero_stage={p.zero_stage}: DeepSpeed ZeRO stages are 0, 1, 2 and 3")
     if p.offload_optimizer and p.zero_stage == 0:
         raise ConfigError("parallel.offload_optimizer needs parallel.zero_stage >= 1")
+    if cfg.precision == "bf16" and p.zero_stage == 0:
+        # Seen with DeepSpeed 0.19.8: its bf16 stage-0 optimizer (FP16_UnfusedOptimizer) steps once on
+        # zero gradients inside deepspeed.initialize, applying weight decay and shifting AdamW's step count.
+        raise ConfigError("precision=bf16 needs parallel.zero_stage >= 1: DeepSpeed's bf16 stage-0 optimizer "
+                          "takes a spurious step at start; ZeRO-1 keeps the same fp32 master weights, sharded")
     if p.offload_params and p.zero_stage != 3:
         raise ConfigError("parallel.offload_params needs parallel.zero_stage=3")
     if cfg.optim.warmup_steps > cfg.train.steps:

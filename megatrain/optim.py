@@ -33,7 +33,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     """AdamW with weight decay on matrices only (not on norms and biases, as in nanoGPT).
 
     With optimizer offload the step runs on the CPU in DeepSpeedCPUAdam (DeepSpeed requires it);
-    otherwise torch's AdamW (foreach on CPU, fused on GPU).
+    otherwise torch's fused AdamW, whose CPU kernel steps ~3.5x faster than the default one here
+    (1.7 vs 5.9 ms a step on the 3M-parameter demo model, bench/trainer_overhead.py's profile).
     """
     o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
@@ -42,8 +43,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     if cfg.parallel.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         return DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
-    fused = torch.cuda.is_available()
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:

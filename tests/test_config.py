@@ -75,6 +75,7 @@ def test_batch_arithmetic_vs_world_size():
     (["--parallel.zero_stage=2", "--parallel.offload_params=true"], "needs parallel.zero_stage=3"),
     (["--optim.warmup_steps=50", "--train.steps=10"], "exceeds train.steps"),
     (["--checkpoint.keep_last=0"], "keep at least 1"),
+    (["--precision=bf16", "--parallel.zero_stage=0"], "bf16 needs parallel.zero_stage >= 1"),
 ])
 def test_cross_section_checks(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -70,6 +70,12 @@ def test_optimizer_offload_matches_reference(train_smoke, reference_run, tmp_pat
     assert_same_trajectory(losses(tmp_path / "run"), losses(reference_run), rel=1e-6)
 
 
+def test_activation_checkpointing_recomputes_the_same_numbers(train_smoke, reference_run, tmp_path):
+    train_smoke(tmp_path / "run", "--parallel.activation_checkpointing=true", "--checkpoint.interval=0")
+    # The recomputed forward runs the same kernels on the same inputs, so nothing may move.
+    assert losses(tmp_path / "run") == losses(reference_run)
+
+
 def test_bf16_runs_and_learns(train_smoke, reference_run, tmp_path):
     train_smoke(tmp_path / "run", "--precision=bf16", "--checkpoint.interval=0")
     got, want = losses(tmp_path / "run"), losses(reference_run)
