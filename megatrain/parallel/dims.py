@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
+
+# DeepSpeed 0.19.8 calls this deprecated torch collective itself; the warning is not the user's to act on.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated", category=FutureWarning)
 
 # DeepSpeed picks its accelerator at import; say which one so it does not guess (and warn) on CPU.
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
