@@ -49,15 +49,14 @@ def _load(checkpoint: str):
 
 
 def _eval(args, overrides: list[str]) -> int:
-    from megatrain.config import load_config
+    from megatrain.config import apply_overrides
     from megatrain.evaluate import evaluate
     from megatrain.parallel.dims import World
     from megatrain.train import load_problems
 
     cfg, model, tokenizer = _load(args.checkpoint)
     if overrides:  # e.g. --data.eval_released=... to score another folder
-        from megatrain.config import _merge, to_dict, parse_overrides
-        cfg = load_config(None, _merge(to_dict(cfg), parse_overrides(overrides)))
+        cfg = apply_overrides(cfg, overrides)
     limit = args.limit or cfg.eval.final_limit
     result = evaluate(model, tokenizer, load_problems(cfg, limit), World(0, 0, 1, "cpu"), cfg.eval.batch_size,
                       cfg.eval.max_new_tokens, cfg.model.max_seq_len)

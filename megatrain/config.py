@@ -269,6 +269,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     return cfg
 
 
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A copy of a loaded config with `--section.key=value` overrides applied and checked."""
+    return _build(Config, _merge(to_dict(cfg), parse_overrides(overrides)), "", " (on the command line)")
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
