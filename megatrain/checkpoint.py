@@ -99,9 +99,11 @@ class Checkpointer:
         self.cfg, self.world, self.tokenizer_path = cfg, world, tokenizer_path
         self.root = Path(cfg.run.dir) / "checkpoints"
 
-    def due(self, step: int) -> bool:
+    def due(self, step: int, last_step: int) -> bool:
+        """Every checkpoint.interval steps, and always at the step this process stops at (the run's
+        end, or an exit_interval stop that a --resume continues from)."""
         every = self.cfg.checkpoint.interval
-        return step == self.cfg.train.steps or (every > 0 and step % every == 0)
+        return step == last_step or (every > 0 and step % every == 0)
 
     def latest(self) -> Path | None:
         latest = self.root / "latest"

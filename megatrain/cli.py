@@ -37,7 +37,6 @@ def _load(checkpoint: str):
     from megatrain.data.tokenizer import Tokenizer
     from megatrain.model.llama import pick_attention
     from transformers import LlamaForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # stdout/stderr carry only the answer or the JSON

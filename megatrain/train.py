@@ -124,7 +124,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             result = run_eval(eval_problems)
             extra = {f"eval/{k}": result[k] for k in ("exact_match", "numeric_match", "teacher_forced_exact_match")}
         metrics.step(step, loss, tokens, engine.get_lr()[0], extra)
-        if checkpointer.due(step) or step == last:
+        if checkpointer.due(step, last):
             checkpointer.save(step, engine, loader)
     metrics.close()
     summary = {}
