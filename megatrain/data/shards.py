@@ -185,7 +185,7 @@ class ShardSet:
         shard_name = self.shard_paths[shard_index].name
         member_index = self._member_index.get(shard_index)
         if member_index is None:
-            member_index = self._member_index[shard_index] = _index_tar(self.shard_paths[shard_index])
+            member_index = self._member_index[shard_index] = index_tar(self.shard_paths[shard_index])
         location = member_index.get(member_name)
         if location is None:
             raise DataError(f"shard {shard_name} has no member {member_name}; {_REBUILD_HINT}")
@@ -252,7 +252,7 @@ def _block_layout(manifest: dict) -> tuple[list[int], list[int]]:
     return block_lengths, block_shard
 
 
-def _index_tar(shard_path: Path) -> dict[str, tuple[int, int]]:
+def index_tar(shard_path: Path) -> dict[str, tuple[int, int]]:
     """Maps each member name of an uncompressed tar to (data offset, size), reading headers only.
 
     Raises:
