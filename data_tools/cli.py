@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from data_tools.quality_cli import add_quality_commands
 from megatrain.data.released import TRAIN_SPLITS, read_split
 from megatrain.data.shards import MANIFEST_NAME, ShardSet, file_sha256
 from megatrain.errors import DataError, MegatrainError
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatrain-data", description="Build megatrain's data.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{deepmind,verify}")
+    # No metavar: argparse lists every registered subcommand itself.
+    commands = parser.add_subparsers(dest="command", required=True)
 
     deepmind = commands.add_parser("deepmind", help="DeepMind mathematics dataset tools")
     deepmind_commands = deepmind.add_subparsers(dest="deepmind_command", required=True, metavar="{generate,shards}")
@@ -71,6 +73,8 @@ def _build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="check every shard's sha256 against the manifest")
     verify.add_argument("shard_dir", type=Path)
     verify.set_defaults(run=_run_verify)
+
+    add_quality_commands(commands)
     return parser
 
 
