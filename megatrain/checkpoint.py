@@ -2,7 +2,7 @@
 
 Layout of `<run.dir>/checkpoints/`:
     step_<N>/            DeepSpeed's engine state (model, optimizer, scheduler, per-rank shards)
-        hf/              the model as a Hugging Face `save_pretrained` folder, plus tokenizer.model
+        hf/              the model as a Hugging Face `save_pretrained` folder, plus the tokenizer files
         rng_rank<R>.pt   each rank's RNG states
         config.yaml      the resolved config of the run that wrote it
         trainer.json     step and data position (human-readable; also in DeepSpeed's client state)
@@ -89,7 +89,11 @@ def export_hf(engine, out_dir: Path, world: World, tokenizer_path: Path) -> None
     with gathered_params(engine.module):
         if world.is_main:
             engine.module.save_pretrained(out_dir, safe_serialization=True)
-            shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
+            if tokenizer_path.is_dir():  # a dataset's tokenizer/ folder (sentencepiece or HF files)
+                for file in sorted(tokenizer_path.iterdir()):
+                    shutil.copyfile(file, out_dir / file.name)
+            else:
+                shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
 
 
 class Checkpointer:

@@ -57,9 +57,30 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One dataset of a pretraining mixture."""
+
+    path: str = ""
+    """Folder written by `megatrain-data build` (manifest.json, tokenizer/, shard-*.tar)."""
+    weight: float = 1.0
+    """Relative share of samples (any positive scale; LLEMMA: arXiv 2, web math 4, code 1)."""
+
+
+@dataclass
 class DataConfig:
     shards: str = "data/linear1d/shards"
-    """Folder with manifest.json and shard-*.tar written by `megatrain-data deepmind shards`."""
+    """Question/answer shards from `megatrain-data deepmind shards`; used when `sources` is empty."""
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    """Pretraining mixture: name -> {path, weight}. When set, the run trains a causal LM on packed rows
+    of these datasets instead of the question/answer task. Weights may change on --resume (a next
+    data stage); per-source counters continue."""
+    mixture_window: int = 1
+    """Global batches per stratification window: every window holds exactly each source's quota."""
+    attention_reset: bool = False
+    """Packed rows: restart positions and attention at each document start (no cross-document attention)."""
+    on_bad_shard: str = "error"
+    """A shard whose sha256 differs from its manifest: `error` stops the run naming it; `skip` leaves
+    it out (every rank alike) and counts it in the metrics as data/skipped_shards."""
     eval_released: str = "data/linear1d/released"
     """Released-format folder (DeepMind mathematics_dataset v1.0 layout) that eval reads."""
     eval_module: str = "algebra__linear_1d"
@@ -67,7 +88,17 @@ class DataConfig:
     num_workers: int = 1
     """DataLoader worker processes per rank; 0 reads in the training process."""
     verify: bool = True
-    """Check every shard's sha256 against the manifest before training."""
+    """Check every shard's sha256 against the manifest before training (spread over the ranks)."""
+
+    def __post_init__(self):
+        if self.on_bad_shard not in ("error", "skip"):
+            raise ConfigError(f"data.on_bad_shard={self.on_bad_shard!r}: use error or skip")
+        for name, source in self.sources.items():
+            if not source.path:
+                raise ConfigError(f"data.sources.{name}.path is empty; give the folder `megatrain-data build` wrote")
+            if not source.weight > 0:
+                raise ConfigError(f"data.sources.{name}.weight={source.weight}: weights must be positive; "
+                                  "drop the source to leave it out")
 
 
 @dataclass
@@ -195,6 +226,11 @@ def _build(cls: type, values: dict, prefix: str, where: str):
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, f"{prefix}{name}.", where)
+        elif typing.get_origin(tp) is dict:  # name -> section, e.g. data.sources
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name}: expected a mapping of names, got {value!r}{where}")
+            item_type = typing.get_args(tp)[1]
+            kwargs[name] = {str(k): _build(item_type, v, f"{prefix}{name}.{k}.", where) for k, v in value.items()}
         else:
             kwargs[name] = _coerce(value, tp, prefix + name, where)
     try:
@@ -329,6 +365,11 @@ def validate(cfg: Config, world_size: int) -> None:
                           "takes a spurious step at start; ZeRO-1 keeps the same fp32 master weights, sharded")
     if p.offload_params and p.zero_stage != 3:
         raise ConfigError("parallel.offload_params needs parallel.zero_stage=3")
+    if cfg.data.sources and (cfg.eval.interval or cfg.eval.final_limit):
+        raise ConfigError("eval scores question/answer exact match, which a pretraining mixture (data.sources) "
+                          "does not have; set eval.interval=0 and eval.final_limit=0")
+    if cfg.data.mixture_window < 1:
+        raise ConfigError(f"data.mixture_window={cfg.data.mixture_window}: must be at least 1 global batch")
     if cfg.optim.warmup_steps > cfg.train.steps:
         raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds train.steps={cfg.train.steps}")
     if not math.isfinite(cfg.optim.lr) or cfg.optim.lr <= 0:

@@ -32,8 +32,10 @@ class Metrics:
     """
 
     def __init__(self, run_dir: str, log_interval: int, world: World, total_steps: int, start_step: int,
-                 flops_per_token: float, peak: float | None, tensorboard: bool, progress: bool):
+                 flops_per_token: float, peak: float | None, tensorboard: bool, progress: bool,
+                 counters=None):
         self.log_interval, self.world = log_interval, world
+        self.counters = counters  # e.g. the loader's per-source token counts, added to every line
         self.flops_per_token, self.peak = flops_per_token, peak
         self._loss_sum, self._tokens, self._steps = 0.0, 0.0, 0
         self._t0 = time.perf_counter()
@@ -63,6 +65,7 @@ class Metrics:
                   "tokens_per_s": token_sum / elapsed}
         if self.peak:
             record["mfu"] = self.flops_per_token * record["tokens_per_s"] / (self.peak * self.world.world_size)
+        record.update(self.counters() if self.counters else {})
         record.update(extra or {})
         self._loss_sum, self._tokens, self._steps, self._t0 = 0.0, 0.0, 0, time.perf_counter()
         self.write(record)

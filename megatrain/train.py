@@ -13,6 +13,8 @@ import torch
 from megatrain.checkpoint import Checkpointer, check_compatible
 from megatrain.config import Config, gradient_accumulation_steps, save_config, validate
 from megatrain.data.loader import QALoader
+from megatrain.data.mix_loader import MixtureLoader, open_mixture
+from megatrain.data.packed import PackedDataset
 from megatrain.data.released import read_split
 from megatrain.data.shards import ShardSet
 from megatrain.data.tokenizer import Tokenizer
@@ -26,10 +28,13 @@ from megatrain.parallel.dims import World, init_world, shutdown
 from megatrain.parallel.zero import wrap
 
 
-def preflight(cfg: Config, world_size: int, resume: bool) -> ShardSet:
+Data = ShardSet | dict[str, PackedDataset]  # question/answer shards, or a pretraining mixture
+
+
+def preflight(cfg: Config, world_size: int, resume: bool) -> Data:
     """Every check that can fail on the user's input, before any process group, engine or file is made."""
     validate(cfg, world_size)
-    shards = ShardSet(cfg.data.shards)
+    data = open_mixture(cfg.data.sources, cfg.model.max_seq_len) if cfg.data.sources else ShardSet(cfg.data.shards)
     checkpoints = Path(cfg.run.dir) / "checkpoints"
     has_checkpoint = (checkpoints / "latest").is_file()
     if resume and has_checkpoint:
@@ -39,21 +44,47 @@ def preflight(cfg: Config, world_size: int, resume: bool) -> ShardSet:
     if not resume and has_checkpoint:
         raise CheckpointError(f"{cfg.run.dir} already has checkpoints; pass --resume to continue that run, "
                               "or set --run.dir to a new folder (nothing was overwritten)")
-    return shards
+    return data
 
 
-def verify_shards(shards: ShardSet, world: World) -> None:
-    """Hash-check the shards once, rank 0 only, and stop every rank with rank 0's message."""
-    message = [None]
-    if world.is_main:
+def verify_data(data: Data, world: World, on_bad_shard: str) -> tuple[Data, list[str]]:
+    """Hash-check every shard, spread over the ranks; every rank gets the same verdict.
+
+    Returns:
+        The data to train on (bad shards left out under on_bad_shard=skip) and the skipped shards.
+    """
+    work = [None] if isinstance(data, ShardSet) else [(n, i) for n in sorted(data) for i in range(len(data[n].shards))]
+    found = []
+    for item in work[world.rank::world.world_size]:
         try:
-            shards.verify()
+            if item is None:
+                data.verify()
+            else:
+                if item[1] == 0:
+                    data[item[0]].verify_tokenizer()
+                found += [(item[0], *bad) for bad in data[item[0]].find_bad_shards([item[1]])]
         except DataError as e:
-            message[0] = str(e)
+            found.append((None, str(e), "", ""))
+    everyone = [found]
     if world.world_size > 1:
-        torch.distributed.broadcast_object_list(message, src=0)
-    if message[0]:
-        raise DataError(message[0])
+        everyone = [None] * world.world_size
+        torch.distributed.all_gather_object(everyone, found)
+    bad = sorted(b for part in everyone for b in part)
+    fatal = [b for b in bad if b[0] is None]
+    if fatal:
+        raise DataError(fatal[0][1])
+    if bad and on_bad_shard == "error":
+        name, shard, expected, actual = bad[0]
+        raise DataError(f"shard {shard} of data.sources.{name} ({data[name].path}): sha256 mismatch (expected "
+                        f"{expected}, got {actual}); {len(bad)} bad shard(s) in all. Rebuild it with "
+                        "`megatrain-data build` (a rerun keeps intact shards), or set data.on_bad_shard=skip")
+    if not bad:
+        return data, []
+    skipped = [f"{name}/{shard}" for name, shard, _, _ in bad]
+    if world.is_main:
+        print(f"warning: skipping {len(bad)} shard(s) whose sha256 differs from the manifest: "
+              f"{', '.join(skipped)}", flush=True)
+    return {n: PackedDataset(d.path, exclude={s for m, s, _, _ in bad if m == n}) for n, d in data.items()}, skipped
 
 
 def load_problems(cfg: Config, limit: int) -> list[tuple[str, str, str]]:
@@ -67,16 +98,37 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_step(engine, loader: QALoader, accumulation: int) -> tuple[float, int]:
+def model_ids(data: Data) -> tuple[Path, int, int, int | None, int]:
+    """(tokenizer path, vocab size, pad, bos, eos) that the model and its HF export take."""
+    if isinstance(data, ShardSet):
+        tokenizer = Tokenizer(data.tokenizer_path)
+        return data.tokenizer_path, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id
+    first = data[sorted(data)[0]]  # open_mixture checked that every source shares the tokenizer
+    return first.tokenizer_path, first.vocab_size, first.pad_id, first.manifest.get("bos_id"), first.eos_id
+
+
+def make_loader(cfg: Config, data: Data, world: World, accumulation: int, skipped: list[str]):
+    if isinstance(data, ShardSet):
+        return QALoader(data, cfg.run.seed, world.rank, world.world_size, cfg.train.micro_batch_size,
+                        cfg.model.max_seq_len, cfg.data.num_workers)
+    global_batch = cfg.train.micro_batch_size * world.world_size * accumulation
+    return MixtureLoader(data, {n: s.weight for n, s in cfg.data.sources.items()}, cfg.run.seed, world.rank,
+                         world.world_size, cfg.train.micro_batch_size, global_batch, cfg.data.mixture_window,
+                         cfg.data.attention_reset, cfg.data.num_workers, skipped)
+
+
+def train_step(engine, loader, accumulation: int) -> tuple[float, int]:
     """One optimizer step over `accumulation` micro-batches; DeepSpeed steps on the last one."""
     loss_sum, tokens = 0.0, 0
     for _ in range(accumulation):
-        batch = {k: v.to(engine.device) for k, v in next(loader).items()}
+        batch = next(loader)
+        real = batch.pop("real_tokens") if "real_tokens" in batch else batch["attention_mask"].sum()
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
         loss = engine(**batch).loss
         engine.backward(loss)
         engine.step()
         loss_sum += loss.item()
-        tokens += int(batch["attention_mask"].sum())
+        tokens += int(real.sum())
     return loss_sum / accumulation, tokens
 
 
@@ -86,35 +138,35 @@ def train(cfg: Config, resume: bool = False) -> dict:
     Returns:
         The final evaluation summary (also written to <run.dir>/eval.json).
     """
-    shards = preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)), resume)
+    data = preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)), resume)
     world = init_world()
+    skipped = []
     if cfg.data.verify:
-        verify_shards(shards, world)
+        data, skipped = verify_data(data, world, cfg.data.on_bad_shard)
     seed_everything(cfg.run.seed)
-    tokenizer = Tokenizer(shards.tokenizer_path)
+    tokenizer_path, vocab_size, pad_id, bos_id, eos_id = model_ids(data)
     if world.is_main:
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.run.dir) / "config.yaml")
 
-    model = build_model(cfg.model, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id,
-                        world.device_type)
+    model = build_model(cfg.model, vocab_size, pad_id, bos_id, eos_id, world.device_type)
     apply_ac(model, cfg.parallel.activation_checkpointing)
     optimizer = build_optimizer(model, cfg)
     engine = wrap(model, optimizer, build_scheduler(optimizer, cfg), cfg, world.world_size)
     accumulation = gradient_accumulation_steps(cfg, world.world_size)
-    loader = QALoader(shards, cfg.run.seed, world.rank, world.world_size, cfg.train.micro_batch_size,
-                      cfg.model.max_seq_len, cfg.data.num_workers)
-    checkpointer = Checkpointer(cfg, world, shards.tokenizer_path)
+    loader = make_loader(cfg, data, world, accumulation, skipped)
+    checkpointer = Checkpointer(cfg, world, tokenizer_path)
     start = checkpointer.load(engine, loader) if resume else 0
 
     metrics = Metrics(cfg.run.dir, cfg.log.interval, world, cfg.train.steps, start,
                       flops_per_token(cfg.model, num_params(model), cfg.model.max_seq_len),
-                      peak_flops(world.device_type, cfg.precision), cfg.log.tensorboard, cfg.log.progress)
+                      peak_flops(world.device_type, cfg.precision), cfg.log.tensorboard, cfg.log.progress,
+                      counters=loader.metrics)
     eval_problems = load_problems(cfg, cfg.eval.limit) if cfg.eval.interval else []
 
     def run_eval(problems):
-        return evaluate(engine.module, tokenizer, problems, world, cfg.eval.batch_size, cfg.eval.max_new_tokens,
-                        cfg.model.max_seq_len)
+        return evaluate(engine.module, Tokenizer(tokenizer_path), problems, world, cfg.eval.batch_size,
+                        cfg.eval.max_new_tokens, cfg.model.max_seq_len)
 
     last = cfg.train.steps if not cfg.train.exit_interval else min(cfg.train.steps, start + cfg.train.exit_interval)
     for step in range(start + 1, last + 1):

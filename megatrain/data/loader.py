@@ -108,6 +108,10 @@ class QALoader:
         self.micro_step += 1
         return next(self._iter)
 
+    def metrics(self) -> dict:
+        """Nothing per source to report: one dataset."""
+        return {}
+
     def state_dict(self) -> dict:
         return {"consumed_samples": self.micro_step * self.samples_per_micro_step, "seed": self._args[1],
                 "num_samples": self._args[0].num_samples}

@@ -17,16 +17,16 @@ import numpy as np
 class SampleOrder:
     """Maps a global sample index to (block, sample within block) for a fixed dataset and seed."""
 
-    def __init__(self, block_lengths: list[int], seed: int):
+    def __init__(self, block_lengths: list[int], seed: int | tuple[int, ...]):
         self.block_lengths = np.asarray(block_lengths, dtype=np.int64)
         self.num_samples = int(self.block_lengths.sum())
-        self.seed = seed
+        self.seed = tuple(seed) if isinstance(seed, tuple) else (seed,)
         if self.num_samples == 0:
             raise ValueError("an empty dataset has no sample order")
 
     @lru_cache(maxsize=2)
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        blocks = np.random.default_rng([self.seed, epoch]).permutation(len(self.block_lengths))
+        blocks = np.random.default_rng([*self.seed, epoch]).permutation(len(self.block_lengths))
         starts = np.concatenate([[0], np.cumsum(self.block_lengths[blocks])])
         return blocks, starts
 
@@ -38,9 +38,28 @@ class SampleOrder:
         block = int(blocks[slot])
         return block, int(self._inner(epoch, block)[pos - starts[slot]])
 
+    def locate_many(self, global_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`locate` for an array of indices: (blocks, samples inside blocks), both int64 arrays."""
+        global_indices = np.asarray(global_indices, dtype=np.int64)
+        blocks = np.empty_like(global_indices)
+        inner = np.empty_like(global_indices)
+        epochs, positions = np.divmod(global_indices, self.num_samples)
+        for epoch in np.unique(epochs):
+            in_epoch = epochs == epoch
+            order, starts = self._epoch(int(epoch))
+            slots = np.searchsorted(starts, positions[in_epoch], side="right") - 1
+            epoch_blocks = order[slots]
+            offsets = positions[in_epoch] - starts[slots]
+            epoch_inner = np.empty_like(offsets)
+            for block in np.unique(epoch_blocks):
+                here = epoch_blocks == block
+                epoch_inner[here] = self._inner(int(epoch), int(block))[offsets[here]]
+            blocks[in_epoch], inner[in_epoch] = epoch_blocks, epoch_inner
+        return blocks, inner
+
     @lru_cache(maxsize=8)
     def _inner(self, epoch: int, block: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch, block]).permutation(int(self.block_lengths[block]))
+        return np.random.default_rng([*self.seed, epoch, block]).permutation(int(self.block_lengths[block]))
 
 
 def micro_batch_indices(micro_step: int, rank: int, dp_size: int, micro_batch_size: int) -> range:

@@ -155,6 +155,19 @@ class PackedDataset:
                             f"{self.dtype} and 1-d int64 docs; {_REBUILD_HINT}")
         return tokens, docs
 
+    def verify_tokenizer(self) -> None:
+        """Checks the tokenizer files' sha256 against the manifest.
+
+        Raises:
+            DataError: A file differs or is missing, naming it.
+        """
+        for name, expected in sorted(self.manifest["tokenizer"]["files"].items()):
+            path = self.tokenizer_path / name
+            actual = file_sha256(path) if path.is_file() else "missing"
+            if actual != expected:
+                raise DataError(f"tokenizer file {path}: sha256 mismatch (expected {expected}, got {actual}); "
+                                f"{_REBUILD_HINT}")
+
     def find_bad_shards(self, shard_indices) -> list[tuple[str, str, str]]:
         """Hash-checks some shards; returns (file name, expected sha256, actual sha256) of each mismatch."""
         bad = []
