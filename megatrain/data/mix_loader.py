@@ -71,8 +71,9 @@ def packed_batch(rows: list[tuple[np.ndarray, int, np.ndarray]], attention_reset
     input_ids = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64))  # (B, T)
     labels = input_ids.clone()
     for i, (_, real, starts) in enumerate(rows):
-        labels[i, real:] = IGNORE_INDEX
-        if attention_reset:
+        if real < labels.shape[1]:
+            labels[i, real:] = IGNORE_INDEX
+        if attention_reset and len(starts):
             labels[i, torch.from_numpy(starts)] = IGNORE_INDEX  # predicted from the previous document
     batch = {"input_ids": input_ids, "labels": labels,
              "real_tokens": torch.tensor([r[1] for r in rows], dtype=torch.long)}
@@ -99,13 +100,12 @@ class MixtureSampler:
             blocks[here], rows[here] = self.orders[s].locate_many(source_indices[here])
         return sources, blocks, rows
 
-    def real_tokens(self, global_indices) -> dict[str, int]:
-        """Real tokens per source name among `global_indices`."""
-        sources, blocks, rows = self.locate(global_indices)
-        out = {}
-        for s, name in enumerate(self.names):
+    def real_tokens(self, sources: np.ndarray, blocks: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Real (unpadded) tokens of located samples."""
+        out = np.empty_like(sources)
+        for s in np.unique(sources):
             here = sources == s
-            out[name] = int(self.datasets[s].real_tokens(blocks[here], rows[here]).sum()) if here.any() else 0
+            out[here] = self.datasets[s].real_tokens(blocks[here], rows[here])
         return out
 
 
@@ -130,13 +130,13 @@ class PackedStream(IterableDataset):
     def micro_batch(self, micro_step: int) -> dict[str, torch.Tensor]:
         indices = micro_batch_indices(micro_step, self.rank, self.dp_size, self.micro_batch_size)
         sources, blocks, rows = self.sampler.locate(np.asarray(indices))
+        real = self.sampler.real_tokens(sources, blocks, rows)
         samples = []
-        for s, b, r in zip(sources.tolist(), blocks.tolist(), rows.tolist()):
-            dataset = self.sampler.datasets[s]
+        for s, b, r, n in zip(sources.tolist(), blocks.tolist(), rows.tolist(), real.tolist()):
             tokens, docs = self._block(s, b)
-            seq_len = dataset.seq_len
-            starts = docs[(docs >= r * seq_len) & (docs < (r + 1) * seq_len)] - r * seq_len
-            samples.append((tokens[r], int(dataset.real_tokens(np.array([b]), np.array([r]))[0]), starts))
+            seq_len = tokens.shape[1]
+            first, last = np.searchsorted(docs, [r * seq_len, (r + 1) * seq_len])
+            samples.append((tokens[r], n, docs[first:last] - r * seq_len))
         return packed_batch(samples, self.attention_reset)
 
     def __iter__(self):
@@ -198,13 +198,13 @@ class MixtureLoader:
         return batch
 
     def _count(self, start: int, end: int) -> None:
-        indices = np.arange(start, end)
-        sources, _ = self._sampler.mixture.locate(indices)
+        sources, blocks, rows = self._sampler.locate(np.arange(start, end))
+        real = self._sampler.real_tokens(sources, blocks, rows)
         samples = np.bincount(sources, minlength=len(self._sampler.names))
-        tokens = self._sampler.real_tokens(indices)
+        tokens = np.bincount(sources, weights=real, minlength=len(self._sampler.names))
         for s, name in enumerate(self._sampler.names):
             self.counters[name]["samples"] += int(samples[s])
-            self.counters[name]["tokens"] += tokens[name]
+            self.counters[name]["tokens"] += int(tokens[s])
 
     def metrics(self) -> dict[str, int]:
         """Cumulative real tokens per source (and shards skipped), for the metrics log."""
