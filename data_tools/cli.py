@@ -2,7 +2,9 @@
 
     megatrain-data deepmind generate --module algebra__linear_1d --train N --test M --out DIR --seed S
     megatrain-data deepmind shards --released DIR --module M --out SHARD_DIR [--tokenizer PATH]
-    megatrain-data verify SHARD_DIR
+    megatrain-data verify SHARD_DIR      (Q/A shards or token shards, told apart by the manifest)
+    megatrain-data build --source NAME=PATH ... --tokenizer PATH --out DIR   (see build_cli.py)
+    megatrain-data tokenizer train SOURCE ... --vocab-size N --out DIR
 
 User mistakes print one `error: ...` line and exit with status 2.
 """
@@ -16,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from data_tools.build_cli import add_build_commands, run_verify_tokens
 from data_tools.quality_cli import add_quality_commands
 from megatrain.data.released import TRAIN_SPLITS, read_split
 from megatrain.data.shards import MANIFEST_NAME, ShardSet, file_sha256
@@ -75,6 +78,7 @@ def _build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(run=_run_verify)
 
     add_quality_commands(commands)
+    add_build_commands(commands)
     return parser
 
 
@@ -160,6 +164,11 @@ def _replace_dir(new_dir: Path, out_dir: Path) -> None:
 
 
 def _run_verify(args: argparse.Namespace) -> None:
+    from megatrain.data.packed import is_packed_dataset
+
+    if is_packed_dataset(args.shard_dir):
+        run_verify_tokens(args.shard_dir)
+        return
     shard_set = ShardSet(args.shard_dir)
     shard_set.verify()
     manifest = shard_set.manifest

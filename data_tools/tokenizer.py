@@ -107,3 +107,58 @@ def _chain(first: str, rest: Iterable[str]):
     """Yields `first` then `rest` (the first item was consumed to detect an empty corpus)."""
     yield first
     yield from rest
+
+
+def train_tokenizer_on_sources(
+    specs,
+    out_dir: str | Path,
+    vocab_size: int,
+    max_sentences: int | None = 2_000_000,
+    on_bad_utf8: str = "replace",
+    seed: int = 0,
+) -> Path:
+    """Trains the whitespace-keeping sentencepiece BPE on documents and writes `out_dir/tokenizer.model`.
+
+    Documents are fed in chunks of whole lines (newlines kept, at most ~4 KB each): sentencepiece
+    drops any "sentence" over its `max_sentence_length` (4192 bytes), and whole files of LaTeX or
+    Coq are far longer.
+
+    Args:
+        specs: `data_tools.sources.SourceSpec`s, read in order.
+        out_dir: Folder to create; `load_tokenizer(out_dir)` then finds the model.
+        vocab_size: Target vocabulary size.
+        max_sentences: Seeded sample of this many chunks (None: all).
+        on_bad_utf8: "replace", "skip" or "error", as for `megatrain-data build`.
+        seed: Seeds the sample.
+
+    Returns:
+        The written `tokenizer.model` path.
+    """
+    from data_tools.sources import iter_documents
+
+    def chunks():
+        for spec in specs:
+            for document in iter_documents(spec, on_bad_utf8):
+                yield from _line_chunks(document.text)
+
+    return train_tokenizer(chunks(), Path(out_dir) / "tokenizer", vocab_size=vocab_size, seed=seed,
+                           max_sentences=max_sentences)
+
+
+def _line_chunks(text: str, limit: int = 4000):
+    """Splits text into chunks of whole lines of at most `limit` UTF-8 bytes (longer lines are cut)."""
+    chunk, size = [], 0
+    for line in text.splitlines(keepends=True):
+        line_size = len(line.encode("utf-8"))
+        if chunk and size + line_size > limit:
+            yield "".join(chunk)
+            chunk, size = [], 0
+        while line_size > limit:
+            # A single overlong line: cut by characters (a quarter of the byte limit is always safe).
+            yield line[: limit // 4]
+            line = line[limit // 4 :]
+            line_size = len(line.encode("utf-8"))
+        chunk.append(line)
+        size += line_size
+    if chunk:
+        yield "".join(chunk)
