@@ -83,8 +83,9 @@ def decode_documents(dataset: PackedDataset, spans: list[np.ndarray], count: int
         tokenizer: Has `decode(ids) -> str`.
 
     Returns:
-        Per document: index (over the dataset), shard, tokens (stored length) and the first
-        SAMPLE_CHARS characters of its text.
+        Per document: index (over the dataset), source (None if the manifest does not name
+        shard sources), shard, tokens (stored length) and the first SAMPLE_CHARS characters of
+        its text.
     """
     total = sum(shard_spans.shape[0] for shard_spans in spans)
     if count <= 0 or total == 0:
@@ -104,9 +105,14 @@ def decode_documents(dataset: PackedDataset, spans: list[np.ndarray], count: int
             offset = local_block * block_tokens
             pieces.append(flat[max(start - offset, 0) : read_end - offset])
         ids = np.concatenate(pieces).astype(np.int64)
-        text = tokenizer.decode(ids.tolist())
-        samples.append({"index": index, "shard": dataset.shards[shard_index]["path"], "tokens": end - start,
-                        "text": text[:SAMPLE_CHARS]})
+        # Drop the document's own bos/eos: some tokenizers decode control tokens as text.
+        if dataset.manifest.get("add_bos") and ids.size and ids[0] == dataset.manifest.get("bos_id"):
+            ids = ids[1:]
+        if read_end == end and ids.size and ids[-1] == dataset.eos_id:
+            ids = ids[:-1]
+        shard = dataset.shards[shard_index]
+        samples.append({"index": index, "source": shard.get("source"), "shard": shard["path"], "tokens": end - start,
+                        "text": tokenizer.decode(ids.tolist())[:SAMPLE_CHARS]})
     return samples
 
 
@@ -144,7 +150,7 @@ def save_length_histogram(lengths: np.ndarray, png_path: str | Path, title: str)
         axis.set_xlabel("tokens per document (log scale)")
         axis.set_ylabel("documents")
         axis.set_title(title)
-        axis.legend(loc="upper right")
+        axis.legend(loc="best")
         figure.tight_layout()
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png")
@@ -183,6 +189,13 @@ def inspect_dataset(path: str | Path, samples: int = DEFAULT_SAMPLES, histogram:
         name: {**stats, "token_share": round(stats.get("tokens", 0) / total_tokens, 4)}
         for name, stats in manifest["sources"].items()
     }
+    # A shard holds one source's documents (the builder records it), so lengths split by source.
+    shard_sources = [shard.get("source") for shard in dataset.shards]
+    for name in sources:
+        if name in shard_sources:
+            source_lengths = [shard_spans[:, 1] - shard_spans[:, 0]
+                              for shard_spans, shard_source in zip(spans, shard_sources) if shard_source == name]
+            sources[name]["document_tokens"] = length_summary(np.concatenate(source_lengths))
     info = {
         "name": manifest["name"],
         "path": str(dataset.path),
@@ -231,13 +244,21 @@ def format_inspection(info: dict) -> str:
             f"{stats.get('skipped', 0):>8,}"
         )
     summary = info["document_tokens"]
-    lines += ["", "  tokens per document (incl. eos): " + "  ".join(f"{key} {value:,}" for key, value in summary.items())]
+    lines += ["", "  tokens per document (incl. eos):", f"  {'all':<24} {_format_summary(summary)}"]
+    for name, stats in info["sources"].items():
+        if "document_tokens" in stats:
+            lines.append(f"  {name:<24} {_format_summary(stats['document_tokens'])}")
     for sample in info["samples"]:
         text = sample["text"].replace("\n", "\\n")
-        lines.append(f"\n  document {sample['index']:,} ({sample['shard']}, {sample['tokens']:,} tokens):\n    {text}")
+        where = f"{sample['source']}, {sample['shard']}" if sample["source"] else sample["shard"]
+        lines.append(f"\n  document {sample['index']:,} ({where}, {sample['tokens']:,} tokens):\n    {text}")
     if info["histogram"]:
         lines.append(f"\n  histogram: {info['histogram']}")
     return "\n".join(lines)
+
+
+def _format_summary(summary: dict) -> str:
+    return "  ".join(f"{key} {value:,}" for key, value in summary.items())
 
 
 def _read_npy(file, members: dict[str, tuple[int, int]], shard_path: Path, member: str) -> np.ndarray:
