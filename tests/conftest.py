@@ -80,3 +80,41 @@ def reference_run(train_smoke, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "reference"
     train_smoke(run_dir)
     return run_dir
+
+
+DEBIAN_PACKAGES = ("pari-doc", "gap-doc", "libcoq-stdlib")
+DEBIAN_CACHE = Path.home() / ".cache" / "megatrain-tests" / "debian"
+
+
+@pytest.fixture(scope="session")
+def debian_corpus():
+    """Real math text from Debian packages, as `--source` strings over small subsets (~3.7 MB):
+    pari-doc's LaTeX manual (*.tex), its gzipped changelogs (*.gz), gap-doc's HPC-GAP book (HTML)
+    and Coq's Init library (*.v). The .debs are fetched once with `apt-get download` into
+    ~/.cache/megatrain-tests/debian and unpacked with `dpkg -x` (nothing is installed)."""
+    import shutil
+
+    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+        pytest.skip("apt-get/dpkg not available: the Debian real-text corpus cannot be fetched")
+    DEBIAN_CACHE.mkdir(parents=True, exist_ok=True)
+    unpacked = DEBIAN_CACHE / "unpacked"
+    for package in DEBIAN_PACKAGES:
+        target = unpacked / package
+        if (target / ".complete").is_file():
+            continue
+        debs = sorted(DEBIAN_CACHE.glob(f"{package}_*.deb"))
+        if not debs:
+            result = subprocess.run(["apt-get", "download", package], cwd=DEBIAN_CACHE, capture_output=True,
+                                    text=True, timeout=300)
+            debs = sorted(DEBIAN_CACHE.glob(f"{package}_*.deb"))
+            if result.returncode != 0 or not debs:
+                pytest.skip(f"apt-get download {package} failed (registry unreachable?): {result.stderr.strip()[-300:]}")
+        shutil.rmtree(target, ignore_errors=True)
+        subprocess.run(["dpkg", "-x", str(debs[-1]), str(target)], check=True, timeout=300)
+        (target / ".complete").touch()
+    return {
+        "pari-doc": f"pari-doc={unpacked}/pari-doc/usr/share/pari/doc/*.tex",
+        "pari-changes": f"pari-changes={unpacked}/pari-doc/usr/share/doc/pari-doc/CHANGES-*.gz",
+        "gap-doc": f"gap-doc={unpacked}/gap-doc/usr/share/doc/gap/doc/hpc/*.html",
+        "libcoq-stdlib": f"libcoq-stdlib={unpacked}/libcoq-stdlib/usr/lib/ocaml/coq/theories/Init/*.v",
+    }
