@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from data_tools import cli
+from data_tools.build import build_dataset
 from data_tools.decontaminate import EvalNgramIndex, filter_contaminated
 from data_tools.dedup import Deduplicator, filter_duplicates
+from data_tools.inspect import SAMPLE_CHARS, inspect_dataset, length_summary
 from data_tools.sources import Document, iter_documents, parse_source
 from data_tools.textnorm import normalized_words
-from megatrain.errors import DataError
+from data_tools.tokenizer import train_tokenizer
+from megatrain.data.tokenizer import load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _VOCABULARY = [f"word{i}" for i in range(3000)]
@@ -231,6 +236,78 @@ def test_decontaminate_missing_eval_source(corpus, capsys):
     status, _, err = _run_cli(capsys, "decontaminate", f"web={corpus['train']}", "--against",
                               f"test=deepmind:{tmp / 'nope'}#module=algebra__linear_1d", "--report", tmp / "r.json")
     assert status == 2 and err.startswith("error: ") and "nope" in err and not (tmp / "r.json").exists()
+
+
+# --- inspect ------------------------------------------------------------------------------------
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict:
+    """A dataset built by the real builder from two jsonl sources of very different lengths."""
+    root = tmp_path_factory.mktemp("built")
+    rng = random.Random(5)
+    words = "the proof of lemma theorem x y equals sum integral prime group ring field".split()
+    texts = {"short": [" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) for _ in range(60)],
+             "long": [" ".join(rng.choice(words) for _ in range(rng.choice([40, 300, 900]))) for _ in range(20)]}
+    for name, source_texts in texts.items():
+        _write_jsonl(root / f"{name}.jsonl", source_texts)
+    tokenizer_path = train_tokenizer([t for ts in texts.values() for t in ts], root / "tok" / "tokenizer", vocab_size=300)
+    build_dataset([f"{name}={root / name}.jsonl" for name in texts], tokenizer_path, root / "ds", seq_len=32,
+                  rows_per_block=4, workers=1, shard_mb=0.01, progress=False)
+    tokenizer = load_tokenizer(tokenizer_path)
+    # Stored length: the document's ids plus its eos.
+    lengths = {name: [len(ids) + 1 for ids in tokenizer.encode_batch(ts)] for name, ts in texts.items()}
+    return {"dir": root / "ds", "texts": texts, "lengths": lengths, "root": root}
+
+
+def test_inspect_statistics_samples_and_histogram(built, tmp_path):
+    info = inspect_dataset(built["dir"], samples=4, histogram=tmp_path / "plots" / "lengths.png")
+    all_lengths = np.array(built["lengths"]["short"] + built["lengths"]["long"])
+    assert info["documents"] == 80 and info["tokens"] == int(all_lengths.sum())
+    assert info["shards"] > 2 and info["dtype"] == "uint16" and info["seq_len"] == 32
+    assert info["document_tokens"] == length_summary(all_lengths)
+    assert info["document_tokens"]["min"] == all_lengths.min() and info["document_tokens"]["max"] == all_lengths.max()
+    for name in ("short", "long"):
+        assert info["sources"][name]["documents"] == len(built["texts"][name])
+        assert info["sources"][name]["document_tokens"] == length_summary(np.array(built["lengths"][name]))
+    assert info["sources"]["short"]["token_share"] + info["sources"]["long"]["token_share"] == pytest.approx(1, abs=1e-3)
+    # Samples spread from the first to the last document, decoded back to their text.
+    all_texts = built["texts"]["short"] + built["texts"]["long"]
+    assert [sample["index"] for sample in info["samples"]] == [0, 26, 53, 79]
+    for sample in info["samples"]:
+        assert sample["text"] == all_texts[sample["index"]][:SAMPLE_CHARS]
+        assert sample["tokens"] == all_lengths[sample["index"]]
+        assert sample["source"] == ("short" if sample["index"] < 60 else "long")
+    png = (tmp_path / "plots" / "lengths.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 5000
+
+
+def test_cli_inspect_prints_json_and_refuses_existing_histogram(built, tmp_path, capsys):
+    histogram = tmp_path / "h.png"
+    status, out, err = _run_cli(capsys, "inspect", built["dir"], "--json", "--samples", "0", "--histogram", histogram)
+    assert status == 0, err
+    info = json.loads(out)
+    assert info["documents"] == 80 and info["samples"] == [] and info["histogram"] == str(histogram)
+    status, out, err = _run_cli(capsys, "inspect", built["dir"], "--histogram", histogram)
+    assert status == 2 and "already exists; pass --overwrite" in err
+    status, out, err = _run_cli(capsys, "inspect", built["dir"], "--histogram", histogram, "--overwrite")
+    assert status == 0 and "tokens per document" in out and "document 79 (long" in out
+    status, _, err = _run_cli(capsys, "inspect", built["dir"], "--histogram", tmp_path / "h.jpg")
+    assert status == 2 and "must end in .png" in err
+
+
+def test_inspect_bad_datasets(built, tmp_path, capsys):
+    status, _, err = _run_cli(capsys, "inspect", tmp_path / "nope")
+    assert status == 2 and err.startswith("error: ") and err.count("\n") == 1 and "does not exist" in err
+    # A docs member that disagrees with the manifest is named, not silently miscounted.
+    copy = shutil.copytree(built["dir"], tmp_path / "copy")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"][0]["documents"] += 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    status, _, err = _run_cli(capsys, "inspect", copy, "--samples", "0")
+    assert status == 2 and "shard-00000.tar has" in err and "document starts" in err
 
 
 def test_data_quality_modules_do_not_import_torch():
