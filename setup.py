@@ -26,6 +26,10 @@ setup(
         "mathematics_dataset==1.0.1",
         "absl-py",
         "six",
+        # megatrain-data dedup --near (MinHash LSH), inspect --histogram, and .jsonl.zst outputs.
+        "datasketch>=2.0,<3",
+        "matplotlib>=3.7",
+        "zstandard>=0.22",
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
