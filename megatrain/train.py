@@ -124,7 +124,9 @@ def train_step(engine, loader, accumulation: int) -> tuple[float, int]:
         batch = next(loader)
         real = batch.pop("real_tokens") if "real_tokens" in batch else batch["attention_mask"].sum()
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        loss = engine(**batch).loss
+        # No KV cache in training: it costs memory, and with one transformers ignores the position
+        # ids that reset attention at document boundaries (find_packed_sequence_indices).
+        loss = engine(**batch, use_cache=False).loss
         engine.backward(loss)
         engine.step()
         loss_sum += loss.item()

@@ -98,6 +98,7 @@ def debian_corpus():
         pytest.skip("apt-get/dpkg not available: the Debian real-text corpus cannot be fetched")
     DEBIAN_CACHE.mkdir(parents=True, exist_ok=True)
     unpacked = DEBIAN_CACHE / "unpacked"
+    unpacked.mkdir(exist_ok=True)  # dpkg -x creates the target folder, not its parents
     for package in DEBIAN_PACKAGES:
         target = unpacked / package
         if (target / ".complete").is_file():
@@ -110,6 +111,7 @@ def debian_corpus():
             if result.returncode != 0 or not debs:
                 pytest.skip(f"apt-get download {package} failed (registry unreachable?): {result.stderr.strip()[-300:]}")
         shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
         subprocess.run(["dpkg", "-x", str(debs[-1]), str(target)], check=True, timeout=300)
         (target / ".complete").touch()
     return {
@@ -118,3 +120,28 @@ def debian_corpus():
         "gap-doc": f"gap-doc={unpacked}/gap-doc/usr/share/doc/gap/doc/hpc/*.html",
         "libcoq-stdlib": f"libcoq-stdlib={unpacked}/libcoq-stdlib/usr/lib/ocaml/coq/theories/Init/*.v",
     }
+
+
+@pytest.fixture(scope="session")
+def mix_data(debian_corpus, dm_data, tmp_path_factory):
+    """A real four-source mixture built with `megatrain-data build`'s code: pari-doc LaTeX, gap-doc
+    HTML, Coq's Init library and generated DeepMind math, one dataset each, one shared tokenizer."""
+    from data_tools.build import build_dataset
+    from data_tools.sources import parse_source
+    from data_tools.tokenizer import train_tokenizer_on_sources
+
+    root = tmp_path_factory.mktemp("mix")
+    specs = {
+        "tex": parse_source(debian_corpus["pari-doc"].replace("pari-doc=", "tex=", 1)),
+        "html": parse_source(debian_corpus["gap-doc"].replace("gap-doc=", "html=", 1)),
+        "coq": parse_source(debian_corpus["libcoq-stdlib"].replace("libcoq-stdlib=", "coq=", 1)),
+        "math": parse_source(f"math=deepmind:{dm_data['released']}#module=algebra__linear_1d"),
+    }
+    tokenizer = train_tokenizer_on_sources(list(specs.values()), root / "tokenizer", vocab_size=1024,
+                                           max_sentences=20_000)
+    datasets = {}
+    for name, spec in specs.items():
+        datasets[name] = root / name
+        build_dataset([spec], tokenizer, datasets[name], seq_len=128, rows_per_block=16, workers=1,
+                      shard_mb=0.25, progress=False)
+    return {"datasets": datasets, "tokenizer": tokenizer}
