@@ -30,6 +30,10 @@ setup(
         "datasketch>=2.0,<3",
         "matplotlib>=3.7",
         "zstandard>=0.22",
+        # megatrain-data build sources (parquet, save_to_disk folders) and HF tokenizer.json folders.
+        "pyarrow>=14",
+        "datasets>=2.14",
+        "tokenizers>=0.15",
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
