@@ -15,6 +15,7 @@ word ids rather than joined strings lets numpy hash every window of a document a
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -42,6 +43,13 @@ class Contamination:
     eval_refs: list[tuple[str, str]]
     matched_ngrams: int
     example: str
+
+
+def _expand_ranges(begins: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(begin, end) over the pairs, without a Python loop."""
+    sizes = ends - begins
+    offsets = np.cumsum(sizes) - sizes  # where each range starts in the output
+    return np.arange(int(sizes.sum())) - np.repeat(offsets, sizes) + np.repeat(begins, sizes)
 
 
 def _window_hashes(ids: np.ndarray, length: int) -> np.ndarray:
@@ -137,13 +145,14 @@ class EvalNgramIndex:
         """
         words = normalized_words(text)
         vocab = self._vocab
-        ids = np.fromiter((vocab.get(word, _NOT_IN_EVAL) for word in words), np.uint64, len(words))
+        # map() with a bound method is ~2x faster than a generator expression here (the hot loop).
+        ids = np.fromiter(map(vocab.get, words, itertools.repeat(_NOT_IN_EVAL)), np.uint64, len(words))
         in_vocab = ids != _NOT_IN_EVAL
         if not in_vocab.any():
             return None
         # unknown_before[i] = words outside the eval vocabulary among the first i words.
         unknown_before = np.concatenate(([0], np.cumsum(~in_vocab)))
-        owner_indices: set[int] = set()
+        owner_chunks = []
         matched_ngrams = 0
         example = None
         for length, eval_hashes in self._hashes.items():
@@ -161,15 +170,14 @@ class EvalNgramIndex:
             if not hit.any():
                 continue
             matched_ngrams += int(hit.sum())
-            owners = self._owners[length]
-            for begin, end in zip(left[hit].tolist(), right[hit].tolist()):
-                owner_indices.update(owners[begin:end].tolist())
+            owner_chunks.append(self._owners[length][_expand_ranges(left[hit], right[hit])])
             if example is None:
                 first = int(starts[np.argmax(hit)])
                 example = " ".join(words[first : first + length])
         if example is None:
             return None
-        return Contamination([self.eval_refs[i] for i in sorted(owner_indices)], matched_ngrams, example)
+        owner_indices = np.unique(np.concatenate(owner_chunks)).tolist()  # sorted: eval order
+        return Contamination([self.eval_refs[i] for i in owner_indices], matched_ngrams, example)
 
 
 def filter_contaminated(documents: Iterable, index: EvalNgramIndex, report: dict) -> Iterator:
