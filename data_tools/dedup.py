@@ -3,8 +3,8 @@
 Exact: documents whose `textnorm.exact_text_key` (blake2b-128 of the whitespace-collapsed text)
 was seen before are dropped; the first occurrence is kept.
 
-Near (`near=True`): datasketch MinHash over word shingles (`shingle` consecutive
-`normalized_words`, so case and punctuation do not matter) and MinHashLSH with the given Jaccard
+Near (`near=True`): datasketch MinHash over hashed word shingles (`shingle` consecutive
+`normalized_words`, so case and punctuation do not matter; see `shingle_hashes`) and MinHashLSH with the given Jaccard
 threshold. LSH only proposes candidates, so each candidate's estimated Jaccard is checked against
 the threshold before a document is dropped, which removes LSH's false positives. Only kept
 documents enter the index ("keep the first of each cluster", greedily in input order): a document
@@ -17,6 +17,8 @@ MinHash values (4 bytes x num_perm, 512 B at 128 permutations) per kept document
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -31,6 +33,12 @@ DEFAULT_SHINGLE = 5
 MINHASH_SEED = 1
 """Seed of the MinHash permutations; fixed so near-dedup is reproducible across runs."""
 _SCHEME = "affine32"  # datasketch 2.x default; named because reusing permutations requires it
+_SHINGLE_MULTIPLIER = np.uint32(0x01000193)  # FNV-1a's 32-bit prime: odd, well spread bits
+
+
+def _identity(shingle_hash: int) -> int:
+    """MinHash hashfunc for inputs that are already 32-bit hashes (see `shingle_hashes`)."""
+    return shingle_hash
 
 
 @dataclass(frozen=True)
@@ -50,15 +58,35 @@ class Duplicate:
     jaccard: float
 
 
-def shingles(text: str, size: int) -> set[bytes]:
-    """The word shingles of `text`: every `size` consecutive normalized words, UTF-8 encoded.
+@functools.lru_cache(maxsize=1 << 20)
+def _word_hash(word: str) -> int:
+    # Words repeat (Zipf), so the cache answers most lookups; blake2b keeps runs reproducible,
+    # which Python's salted hash() would not.
+    return int.from_bytes(hashlib.blake2b(word.encode("utf-8", "surrogatepass"), digest_size=4).digest(), "little")
 
-    A text with fewer than `size` words has one shingle, its whole text; an empty text has none.
+
+def shingle_hashes(text: str, size: int) -> np.ndarray:
+    """32-bit hashes of the distinct word shingles of `text` (every `size` consecutive normalized words).
+
+    A shingle's hash is a polynomial (mod 2**32) of its words' blake2b hashes, computed for all
+    shingles at once with numpy; datasketch's affine32 scheme mixes each input hash (murmur3
+    fmix) before permuting, so this plays the role of its per-shingle sha1 at a fraction of the
+    cost. A text with fewer than `size` words has one shingle (all its words); an empty text none.
+
+    Returns:
+        Sorted unique uint32 hashes.
     """
     words = normalized_words(text)
-    if len(words) <= size:
-        return {" ".join(words).encode("utf-8")} if words else set()
-    return {" ".join(words[start : start + size]).encode("utf-8") for start in range(len(words) - size + 1)}
+    if not words:
+        return np.zeros(0, np.uint32)
+    word_hashes = np.fromiter(map(_word_hash, words), np.uint32, len(words))
+    size = min(size, len(words))
+    num_shingles = len(words) - size + 1
+    hashes = word_hashes[:num_shingles].copy()
+    for offset in range(1, size):
+        hashes *= _SHINGLE_MULTIPLIER  # uint32 arithmetic wraps: the intended mod 2**32
+        hashes += word_hashes[offset : offset + num_shingles]
+    return np.unique(hashes)
 
 
 class Deduplicator:
@@ -112,13 +140,12 @@ class Deduplicator:
             return Duplicate("exact", first[0], first[1], 1.0)
         minhash = None
         if self.near:
-            document_shingles = shingles(document.text, self.shingle)
+            document_shingles = shingle_hashes(document.text, self.shingle)
             # A text without words has no shingles; exact dedup alone decides for it.
-            if document_shingles:
-                minhash = MinHash(
-                    num_perm=self.num_perm, seed=MINHASH_SEED, permutations=self._permutations, scheme=_SCHEME
-                )
-                minhash.update_batch(document_shingles)
+            if document_shingles.size:
+                minhash = MinHash(num_perm=self.num_perm, seed=MINHASH_SEED, hashfunc=_identity,
+                                  permutations=self._permutations, scheme=_SCHEME)
+                minhash.update_batch(document_shingles.tolist())
                 duplicate = self._nearest_kept(minhash)
                 if duplicate is not None:
                     return duplicate
