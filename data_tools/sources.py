@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import glob
 import gzip
-import html.parser
+import html
 import io
 import json
 import re
@@ -393,41 +393,22 @@ def _iter_deepmind(spec: SourceSpec, policy: _Utf8Policy) -> Iterator[Document]:
 def html_to_text(markup: str) -> str:
     """Returns the text of an HTML document: tags dropped, script/style removed, entities decoded.
 
-    Block-level tags become line breaks so paragraphs and table rows do not run together.
+    Block-level tags become line breaks so paragraphs and table rows do not run together. Regular
+    expressions rather than `html.parser`: the parser ran at ~2 MB/s, slower than tokenizing.
     """
-    parser = _TextExtractor()
-    parser.feed(markup)
-    parser.close()
-    text = "".join(parser.parts)
+    text = _HTML_DROPPED.sub("", markup)
+    text = _HTML_BLOCK_TAG.sub("\n", text)
+    text = html.unescape(_HTML_TAG.sub("", text))
     text = re.sub(r"[ \t]+\n", "\n", text)
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
 
 
-class _TextExtractor(html.parser.HTMLParser):
-    _SKIPPED = {"script", "style"}
-    _BLOCKS = {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "table", "ul", "ol",
-               "dl", "dt", "dd", "blockquote", "hr", "title", "section", "article"}
-
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self._skip_depth = 0
-
-    def handle_starttag(self, tag, attrs):
-        if tag in self._SKIPPED:
-            self._skip_depth += 1
-        elif tag in self._BLOCKS:
-            self.parts.append("\n")
-
-    def handle_endtag(self, tag):
-        if tag in self._SKIPPED:
-            self._skip_depth = max(0, self._skip_depth - 1)
-        elif tag in self._BLOCKS:
-            self.parts.append("\n")
-
-    def handle_data(self, data):
-        if not self._skip_depth:
-            self.parts.append(data)
+_HTML_DROPPED = re.compile(r"<!--.*?-->|<(script|style)\b[^>]*>.*?</\1\s*>", re.DOTALL | re.IGNORECASE)
+_HTML_BLOCK_TAG = re.compile(
+    r"</?(?:p|div|br|li|tr|h[1-6]|pre|table|ul|ol|dl|dt|dd|blockquote|hr|title|section|article)\b[^>]*>",
+    re.IGNORECASE,
+)
+_HTML_TAG = re.compile(r"<[!/?]?[A-Za-z][^>]*>")
 
 
 def _parse_options(text: str, option_text: str) -> tuple[tuple[str, str], ...]:
