@@ -163,16 +163,20 @@ class EvalNgramIndex:
             if not usable.any():
                 continue
             starts = np.flatnonzero(usable)
-            hashes = _window_hashes(ids, length)[starts]
+            # Sorted queries: numpy's binary search then reuses the previous position as a bound,
+            # which halves the cache misses of searching a large eval array (the hot spot).
+            hashes = np.sort(_window_hashes(ids, length)[starts])
             left = np.searchsorted(eval_hashes, hashes, side="left")
-            right = np.searchsorted(eval_hashes, hashes, side="right")
-            hit = right > left
+            hit = eval_hashes[np.minimum(left, eval_hashes.size - 1)] == hashes
             if not hit.any():
                 continue
             matched_ngrams += int(hit.sum())
-            owner_chunks.append(self._owners[length][_expand_ranges(left[hit], right[hit])])
+            right = np.searchsorted(eval_hashes, hashes[hit], side="right")
+            owner_chunks.append(self._owners[length][_expand_ranges(left[hit], right)])
             if example is None:
-                first = int(starts[np.argmax(hit)])
+                # The first matching window in the text (the shortest grams are checked first).
+                matched = np.isin(_window_hashes(ids, length)[starts], hashes[hit])
+                first = int(starts[np.argmax(matched)])
                 example = " ".join(words[first : first + length])
         if example is None:
             return None
