@@ -19,6 +19,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +129,7 @@ class Checkpointer:
             for stale in self.root.glob(".tmp-*"):
                 shutil.rmtree(stale)  # left by a crash mid-save; never a complete checkpoint
         barrier()
-        trainer_state = {"step": step, "data": loader.state_dict()}
+        trainer_state = {"step": step, "world_size": self.world.world_size, "data": loader.state_dict()}
         engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=trainer_state, save_latest=False)
         torch.save(_rng_state(), tmp / f"rng_rank{self.world.rank}.pt")
         export_hf(engine, tmp / "hf", self.world, self.tokenizer_path)
@@ -149,13 +151,47 @@ class Checkpointer:
         for _, path in steps[: -self.cfg.checkpoint.keep_last]:
             shutil.rmtree(path)
 
+    def prepare_resume(self) -> bool:
+        """Before the engine exists: make the latest checkpoint loadable by this world size.
+
+        ZeRO partitions optimizer state by data-parallel rank, and DeepSpeed refuses to load it into
+        another number of ranks. DeepSpeed's own answer is the universal checkpoint (one file per
+        parameter and state): rank 0 converts once into `step_<N>/universal/` (atomically), and the
+        engine is then built with checkpoint.load_universal.
+
+        Returns:
+            True if the engine must load a universal checkpoint.
+        """
+        path = self.latest()
+        saved = json.loads((path / "trainer.json").read_text()).get("world_size") if path else None
+        if path is None or saved in (None, self.world.world_size):
+            return False
+        universal = path / "universal"
+        if self.world.is_main and not universal.is_dir():
+            tmp = path / ".tmp-universal"
+            shutil.rmtree(tmp, ignore_errors=True)
+            result = subprocess.run(
+                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+                 "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+                 "--num_merge_workers", "1"], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise CheckpointError(f"converting {path} (written by {saved} ranks) for {self.world.world_size} "
+                                      f"ranks failed: {result.stderr.strip().splitlines()[-1:]}")
+            tmp.rename(universal)
+        barrier()
+        return True
+
     def load(self, engine, loader, path: Path | None = None) -> int:
         """Restore model, optimizer, scheduler, RNG and data position; returns the step reached."""
         path = path or self.latest()
         if path is None:
             raise CheckpointError(f"--resume: no checkpoint in {self.root}; train without --resume first")
         check_compatible(path, self.cfg)
-        load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+        if engine.load_universal_checkpoint():  # another world size: see prepare_resume
+            load_path, client = engine.load_checkpoint(str(path), tag="universal")
+            client = {**client, **json.loads((path / "trainer.json").read_text())}
+        else:
+            load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {path}; is it complete?")
         loader.load_state_dict(client["data"])

@@ -154,10 +154,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
     model = build_model(cfg.model, vocab_size, pad_id, bos_id, eos_id, world.device_type)
     apply_ac(model, cfg.parallel.activation_checkpointing)
     optimizer = build_optimizer(model, cfg)
-    engine = wrap(model, optimizer, build_scheduler(optimizer, cfg), cfg, world.world_size)
+    checkpointer = Checkpointer(cfg, world, tokenizer_path)
+    universal = resume and checkpointer.prepare_resume()  # resuming on another number of ranks
+    engine = wrap(model, optimizer, build_scheduler(optimizer, cfg), cfg, world.world_size, universal)
     accumulation = gradient_accumulation_steps(cfg, world.world_size)
     loader = make_loader(cfg, data, world, accumulation, skipped)
-    checkpointer = Checkpointer(cfg, world, tokenizer_path)
     start = checkpointer.load(engine, loader) if resume else 0
 
     metrics = Metrics(cfg.run.dir, cfg.log.interval, world, cfg.train.steps, start,

@@ -9,8 +9,13 @@ import torch
 from megatrain.config import Config, gradient_accumulation_steps
 
 
-def deepspeed_config(cfg: Config, dp_world_size: int) -> dict:
-    """The DeepSpeed JSON for `cfg`, derived, never written by hand (as gpt-neox does)."""
+def deepspeed_config(cfg: Config, dp_world_size: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON for `cfg`, derived, never written by hand (as gpt-neox does).
+
+    Args:
+        load_universal: The checkpoint to resume is a DeepSpeed universal checkpoint (written for
+            another number of data-parallel ranks, see Checkpointer.prepare_resume).
+    """
     accumulation = gradient_accumulation_steps(cfg, dp_world_size)
     p = cfg.parallel
     zero: dict = {"stage": p.zero_stage}
@@ -34,11 +39,12 @@ def deepspeed_config(cfg: Config, dp_world_size: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
 def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler, cfg: Config,
-         dp_world_size: int):
+         dp_world_size: int, load_universal: bool = False):
     """Wrap the model in a DeepSpeed engine (ZeRO sharding, bf16 master weights, accumulation, clipping).
 
     Returns:
@@ -47,7 +53,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler,
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                           config=deepspeed_config(cfg, dp_world_size))
+                                           config=deepspeed_config(cfg, dp_world_size, load_universal))
     return engine
 
 
