@@ -104,4 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     except MegatrainError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            # Every rank reached the same verdict (checks after init are collective); leaving the
+            # group keeps gloo's teardown at exit from aborting the process over it.
+            dist.destroy_process_group()
         return 2

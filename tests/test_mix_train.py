@@ -95,14 +95,15 @@ def test_a_next_data_stage_changes_weights_and_the_counters_continue(train_mix, 
 
 
 def corrupt_copy(mix_data, tmp_path) -> tuple[dict, str]:
+    """The mixture with one of tex's shards (pari-doc: several shards) flipped in a copy."""
     datasets = dict(mix_data["datasets"])
-    broken = tmp_path / "html"
-    shutil.copytree(datasets["html"], broken)
+    broken = tmp_path / "tex"
+    shutil.copytree(datasets["tex"], broken)
     shard = sorted(broken.glob("shard-*.tar"))[-1]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    datasets["html"] = broken
+    datasets["tex"] = broken
     return datasets, shard.name
 
 
@@ -111,7 +112,7 @@ def test_a_corrupt_shard_stops_the_run_naming_it(train_mix, mix_data, tmp_path):
     result = train_mix(tmp_path / "run", datasets=datasets, check=False)
     assert result.returncode == 2
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and f"shard {shard} of data.sources.html" in error[0]
+    assert len(error) == 1 and f"shard {shard} of data.sources.tex" in error[0]
     assert "sha256 mismatch (expected " in error[0] and "on_bad_shard=skip" in error[0]
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -120,5 +121,5 @@ def test_the_skip_policy_leaves_a_corrupt_shard_out_and_counts_it(train_mix, mix
     datasets, shard = corrupt_copy(mix_data, tmp_path)
     run_dir = tmp_path / "run"
     result = train_mix(run_dir, "--data.on_bad_shard=skip", "--train.steps=2", datasets=datasets)
-    assert f"html/{shard}" in result.stdout + result.stderr
+    assert f"tex/{shard}" in result.stdout + result.stderr
     assert last_metrics(run_dir)["data/skipped_shards"] == 1
