@@ -35,7 +35,7 @@ def add_quality_commands(commands: argparse._SubParsersAction) -> None:
     """Adds the inspect, decontaminate and dedup subparsers to `megatrain-data`'s subcommands."""
     from data_tools.decontaminate import DEFAULT_NGRAM
     from data_tools.dedup import DEFAULT_NUM_PERM, DEFAULT_SHINGLE, DEFAULT_THRESHOLD
-    from data_tools.inspect import DEFAULT_SAMPLES
+    from data_tools.inspect_dataset import DEFAULT_SAMPLES
 
     inspect = commands.add_parser("inspect", help="statistics, samples and a length histogram of a built dataset")
     inspect.add_argument("dataset", type=Path, help="folder made by `megatrain-data build`")
@@ -83,7 +83,7 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> None:
-    from data_tools.inspect import format_inspection, inspect_dataset
+    from data_tools.inspect_dataset import format_inspection, inspect_dataset
     from data_tools.outputs import check_out_path
 
     if args.histogram is not None:

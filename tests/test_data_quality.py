@@ -16,7 +16,7 @@ from data_tools import cli
 from data_tools.build import build_dataset
 from data_tools.decontaminate import EvalNgramIndex, filter_contaminated
 from data_tools.dedup import Deduplicator, filter_duplicates
-from data_tools.inspect import SAMPLE_CHARS, inspect_dataset, length_summary
+from data_tools.inspect_dataset import SAMPLE_CHARS, inspect_dataset, length_summary
 from data_tools.sources import Document, iter_documents, parse_source
 from data_tools.textnorm import normalized_words
 from data_tools.tokenizer import train_tokenizer
@@ -311,7 +311,7 @@ def test_inspect_bad_datasets(built, tmp_path, capsys):
 
 
 def test_data_quality_modules_do_not_import_torch():
-    code = ("import sys, data_tools.quality_cli, data_tools.inspect, data_tools.dedup, data_tools.decontaminate, "
+    code = ("import sys, data_tools.quality_cli, data_tools.inspect_dataset, data_tools.dedup, data_tools.decontaminate, "
             "data_tools.outputs; assert 'torch' not in sys.modules, 'torch imported'")
     completed = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
