@@ -75,3 +75,23 @@ def test_existing_run_without_resume_is_refused(reference_run, dm_data):
 
 def test_not_a_checkpoint(tmp_path):
     assert_one_clear_line(run_megatrain("generate", tmp_path, "Solve 2*x = 4 for x."), str(tmp_path))
+
+
+MIXTURE = SMOKE.parent / "mixture-smoke.yaml"
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("--data.sources.coq.weight=0", ("data.sources.coq.weight=0", "positive")),
+    ("--data.sources.coq.weight=-1", ("data.sources.coq.weight=-1", "positive")),
+    ("--data.sources.tex.path=", ("data.sources.tex.path is empty",)),
+    ("--data.sources.coq.wieght=2", ("data.sources.coq.wieght",)),
+])
+def test_bad_mixture_settings(tmp_path, override, needles):
+    result = run_megatrain("train", MIXTURE, f"--run.dir={tmp_path / 'run'}", override)
+    assert_one_clear_line(result, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_mixture_source_that_was_never_built(tmp_path):
+    result = run_megatrain("train", MIXTURE, f"--run.dir={tmp_path / 'run'}", f"--data.sources.tex.path={tmp_path}/x")
+    assert_one_clear_line(result, f"{tmp_path}/x", "megatrain-data build")
