@@ -7,7 +7,7 @@ Document lengths come from the `.docs.npy` members only (document starts, flat p
 each block); the token arrays are read just for the decoded samples. A document's stored length
 counts every token training sees for it: its ids plus the eos (and the bos when the dataset adds
 one). Every array is loaded with `allow_pickle=False`, and tar members are located with
-`megatrain.data.shards.index_tar`, which refuses absolute or `..` member paths.
+`megatrain.data.shards.TarFiles`, whose index refuses absolute or `..` member paths.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from megatrain.data.packed import PackedDataset
-from megatrain.data.shards import index_tar
+from megatrain.data.shards import TarFiles
 from megatrain.errors import DataError
 
 DEFAULT_SAMPLES = 3
@@ -43,23 +43,23 @@ def document_spans(dataset: PackedDataset) -> list[np.ndarray]:
     """
     block_tokens = dataset.rows_per_block * dataset.seq_len
     spans = []
-    for shard in dataset.shards:
-        shard_path = dataset.path / shard["path"]
-        members = index_tar(shard_path)
+    tars = TarFiles([dataset.path / shard["path"] for shard in dataset.shards], "rebuild the dataset")
+    for i, shard in enumerate(dataset.shards):
+        shard_path = tars.paths[i]
         starts = []
-        with open(shard_path, "rb") as file:
-            for local_block in range(shard["blocks"]):
-                docs = _read_npy(file, members, shard_path, f"block-{local_block:06d}.docs.npy")
-                if docs.ndim != 1 or docs.dtype != np.int64 or (docs.size and not 0 <= docs[0] <= docs[-1] < block_tokens):
-                    raise DataError(f"shard {shard_path.name}: block-{local_block:06d}.docs.npy holds {docs.shape} "
-                                    f"{docs.dtype} positions outside [0, {block_tokens}); rebuild the dataset")
-                starts.append(docs + local_block * block_tokens)
+        for local_block in range(shard["blocks"]):
+            docs = tars.read_npy(i, f"block-{local_block:06d}.docs.npy")
+            if docs.ndim != 1 or docs.dtype != np.int64 or (docs.size and not 0 <= docs[0] <= docs[-1] < block_tokens):
+                raise DataError(f"shard {shard_path.name}: block-{local_block:06d}.docs.npy holds {docs.shape} "
+                                f"{docs.dtype} positions outside [0, {block_tokens}); rebuild the dataset")
+            starts.append(docs + local_block * block_tokens)
         shard_starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
         if shard_starts.size != shard["documents"] or np.any(np.diff(shard_starts) <= 0):
             raise DataError(f"shard {shard_path.name} has {shard_starts.size} document starts (expected "
                             f"{shard['documents']}, strictly increasing); rebuild the dataset")
         ends = np.append(shard_starts[1:], shard["tokens"])
         spans.append(np.stack([shard_starts, ends], axis=1))
+    tars.close()
     return spans
 
 
@@ -260,18 +260,3 @@ def format_inspection(info: dict) -> str:
 def _format_summary(summary: dict) -> str:
     return "  ".join(f"{key} {value:,}" for key, value in summary.items())
 
-
-def _read_npy(file, members: dict[str, tuple[int, int]], shard_path: Path, member: str) -> np.ndarray:
-    """Loads one .npy member of an open tar (no pickle)."""
-    location = members.get(member)
-    if location is None:
-        raise DataError(f"shard {shard_path.name} has no member {member}; rebuild the dataset")
-    offset, size = location
-    file.seek(offset)
-    data = file.read(size)
-    if len(data) != size:
-        raise DataError(f"shard {shard_path.name} is truncated at {member}; rebuild the dataset")
-    try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except ValueError as error:
-        raise DataError(f"shard {shard_path.name}: {member} is not a valid .npy ({error}); rebuild the dataset")

@@ -17,15 +17,12 @@ one member per document reads ~20x slower).
 
 from __future__ import annotations
 
-import io
 import json
-import os
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
-from megatrain.data.shards import file_sha256, index_tar
+from megatrain.data.shards import TarFiles, file_sha256
 from megatrain.errors import DataError
 
 PACKED_FORMAT = "megatrain-token-shards"
@@ -48,8 +45,7 @@ def is_packed_dataset(path: str | Path) -> bool:
 class PackedDataset:
     """A folder of token shards, read one block at a time.
 
-    Safe to pickle into DataLoader workers: open files are dropped when pickled and reopened per
-    process. Shards named in `exclude` (failed hash checks under a skip policy) are left out of the
+    Safe to pickle into DataLoader workers (see TarFiles). Shards named in `exclude` (failed hash checks under a skip policy) are left out of the
     layout, so every rank that excludes the same shards sees the same rows.
 
     Args:
@@ -87,9 +83,7 @@ class PackedDataset:
                 raise DataError(f"shard {self.path / shard['path']} listed in {self.path / MANIFEST_NAME} is "
                                 f"missing; {_REBUILD_HINT}")
         self._layout()
-        self._member_index: dict[int, dict[str, tuple[int, int]]] = {}
-        self._handles: dict[int, BinaryIO] = {}
-        self._handles_pid = os.getpid()
+        self._tars = TarFiles([self.path / s["path"] for s in self.shards], _REBUILD_HINT)
 
     def _layout(self) -> None:
         """Per global block: its shard, its index inside the shard, its rows and its last row's tokens."""
@@ -116,15 +110,6 @@ class PackedDataset:
     def __len__(self) -> int:
         return self.num_rows
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_handles"] = {}
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._handles_pid = os.getpid()
-
     def real_tokens(self, blocks: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Real (unpadded) tokens of rows given as (global block, row in block) arrays."""
         blocks, rows = np.asarray(blocks), np.asarray(rows)
@@ -146,8 +131,8 @@ class PackedDataset:
         if not 0 <= block < self.num_blocks:
             raise IndexError(f"block {block} out of range [0, {self.num_blocks})")
         shard_index, key = int(self.block_shard[block]), f"block-{int(self.block_local[block]):06d}"
-        tokens = self._read_array(shard_index, f"{key}.tokens.npy")
-        docs = self._read_array(shard_index, f"{key}.docs.npy")
+        tokens = self._tars.read_npy(shard_index, f"{key}.tokens.npy")
+        docs = self._tars.read_npy(shard_index, f"{key}.docs.npy")
         expected = (int(self.block_rows[block]), self.seq_len)
         if tokens.shape != expected or tokens.dtype != self.dtype or docs.ndim != 1 or docs.dtype != np.int64:
             raise DataError(f"shard {self.shards[shard_index]['path']}: {key} holds tokens {tokens.shape} "
@@ -177,34 +162,6 @@ class PackedDataset:
             if actual != shard["sha256"]:
                 bad.append((shard["path"], shard["sha256"], actual))
         return bad
-
-    def _read_array(self, shard_index: int, member: str) -> np.ndarray:
-        path = self.path / self.shards[shard_index]["path"]
-        if shard_index not in self._member_index:
-            self._member_index[shard_index] = index_tar(path)
-        location = self._member_index[shard_index].get(member)
-        if location is None:
-            raise DataError(f"shard {path.name} has no member {member}; {_REBUILD_HINT}")
-        offset, size = location
-        handle = self._handle(shard_index, path)
-        handle.seek(offset)
-        data = handle.read(size)
-        if len(data) != size:
-            raise DataError(f"shard {path.name} is truncated at {member}; {_REBUILD_HINT}")
-        try:
-            return np.load(io.BytesIO(data), allow_pickle=False)
-        except ValueError as error:
-            raise DataError(f"shard {path.name}: {member} is not a valid .npy ({error}); {_REBUILD_HINT}")
-
-    def _handle(self, shard_index: int, path: Path) -> BinaryIO:
-        # A forked DataLoader worker shares its parent's file offsets, so it must not reuse their handles.
-        if self._handles_pid != os.getpid():
-            self._handles, self._handles_pid = {}, os.getpid()
-        if shard_index not in self._handles:
-            if len(self._handles) >= 64:  # a rank touches few shards at a time; don't hoard descriptors
-                self._handles.pop(next(iter(self._handles))).close()
-            self._handles[shard_index] = open(path, "rb")
-        return self._handles[shard_index]
 
 
 def _load_manifest(path: Path) -> dict:

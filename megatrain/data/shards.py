@@ -56,6 +56,75 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
+class TarFiles:
+    """Reads `.npy` members of uncompressed tars by seeking: one index of member offsets per tar,
+    and this process's open files.
+
+    Picklable into DataLoader workers: the index travels, open files do not (a forked child shares
+    its parent's file offsets, so it must open its own).
+
+    Args:
+        paths: The tar files, addressed by their position in this list.
+        hint: What to do about a broken tar, appended to error messages.
+        max_open: Open files kept at once (a reader touches few shards at a time).
+    """
+
+    def __init__(self, paths: list[Path], hint: str, max_open: int = 64):
+        self.paths, self.hint, self.max_open = paths, hint, max_open
+        self._index: dict[int, dict[str, tuple[int, int]]] = {}
+        self._files: dict[int, BinaryIO] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_files": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+
+    def members(self, i: int) -> dict[str, tuple[int, int]]:
+        """Member name -> (data offset, size) of tar i (headers only; cached)."""
+        if i not in self._index:
+            self._index[i] = index_tar(self.paths[i])
+        return self._index[i]
+
+    def read_npy(self, i: int, member: str) -> np.ndarray:
+        """Loads one `.npy` member of tar i, without pickle.
+
+        Raises:
+            DataError: The member is missing, truncated or not a valid .npy.
+        """
+        name = self.paths[i].name
+        location = self.members(i).get(member)
+        if location is None:
+            raise DataError(f"shard {name} has no member {member}; {self.hint}")
+        offset, size = location
+        file = self._file(i)
+        file.seek(offset)
+        data = file.read(size)
+        if len(data) != size:
+            raise DataError(f"shard {name} is truncated at {member}; {self.hint}")
+        try:
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        except ValueError as error:
+            raise DataError(f"shard {name}: {member} is not a valid .npy ({error}); {self.hint}")
+
+    def close(self) -> None:
+        """Closes the open files (they reopen on the next read)."""
+        for file in self._files.values():
+            file.close()
+        self._files = {}
+
+    def _file(self, i: int) -> BinaryIO:
+        if self._pid != os.getpid():
+            self._files, self._pid = {}, os.getpid()
+        if i not in self._files:
+            if len(self._files) >= self.max_open:
+                self._files.pop(next(iter(self._files))).close()
+            self._files[i] = open(self.paths[i], "rb")
+        return self._files[i]
+
+
 class ShardSet:
     """A folder of Q/A shards, read block by block with random access.
 
@@ -99,24 +168,12 @@ class ShardSet:
             raise DataError(
                 f"{manifest_path}: shard sample counts do not add up to samples={self.num_samples}; {_REBUILD_HINT}"
             )
-        # Filled lazily: the tar index survives pickling/forking, open handles do not.
-        self._member_index: dict[int, dict[str, tuple[int, int]]] = {}
-        self._handles: dict[int, BinaryIO] = {}
-        self._handles_pid = os.getpid()
+        self._tars = TarFiles(self.shard_paths, _REBUILD_HINT)
         if verify:
             self.verify()
 
     def __len__(self) -> int:
         return self.num_samples
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_handles"] = {}
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._handles_pid = os.getpid()
 
     def read_block(self, block_index: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Reads one block.
@@ -135,8 +192,8 @@ class ShardSet:
             raise IndexError(f"block {block_index} out of range [0, {self.num_blocks})")
         shard_index = self._block_shard[block_index]
         key = block_key(block_index)
-        tokens = self._read_array(shard_index, f"{key}.{TOKENS_SUFFIX}")
-        lengths = self._read_array(shard_index, f"{key}.{LENGTHS_SUFFIX}")
+        tokens = self._tars.read_npy(shard_index, f"{key}.{TOKENS_SUFFIX}")
+        lengths = self._tars.read_npy(shard_index, f"{key}.{LENGTHS_SUFFIX}")
         expected_samples = self.block_lengths[block_index]
         if lengths.shape != (expected_samples, 2) or tokens.ndim != 1 or tokens.size != int(lengths.sum()):
             raise DataError(
@@ -176,40 +233,7 @@ class ShardSet:
 
     def close(self) -> None:
         """Closes the open shard files (they reopen on the next read)."""
-        for handle in self._handles.values():
-            handle.close()
-        self._handles = {}
-
-    def _read_array(self, shard_index: int, member_name: str) -> np.ndarray:
-        """Reads one .npy member by seeking to its data offset."""
-        shard_name = self.shard_paths[shard_index].name
-        member_index = self._member_index.get(shard_index)
-        if member_index is None:
-            member_index = self._member_index[shard_index] = index_tar(self.shard_paths[shard_index])
-        location = member_index.get(member_name)
-        if location is None:
-            raise DataError(f"shard {shard_name} has no member {member_name}; {_REBUILD_HINT}")
-        offset, size = location
-        handle = self._handle(shard_index)
-        handle.seek(offset)
-        data = handle.read(size)
-        if len(data) != size:
-            raise DataError(f"shard {shard_name} is truncated at {member_name}; {_REBUILD_HINT}")
-        try:
-            return np.load(io.BytesIO(data), allow_pickle=False)
-        except ValueError as error:
-            raise DataError(f"shard {shard_name}: {member_name} is not a valid .npy ({error}); {_REBUILD_HINT}")
-
-    def _handle(self, shard_index: int) -> BinaryIO:
-        """Returns this process's open file of a shard."""
-        # A forked child shares its parent's file offsets, so it must not reuse their handles.
-        if self._handles_pid != os.getpid():
-            self._handles = {}
-            self._handles_pid = os.getpid()
-        handle = self._handles.get(shard_index)
-        if handle is None:
-            handle = self._handles[shard_index] = open(self.shard_paths[shard_index], "rb")
-        return handle
+        self._tars.close()
 
 
 def _load_manifest(manifest_path: Path) -> dict:
