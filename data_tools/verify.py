@@ -7,19 +7,17 @@ do, so a corrupted copy is found before a training run reads it.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 
 from data_tools.packing import DOCS_SUFFIX, TOKENS_SUFFIX, block_key
-from megatrain.data.shards import file_sha256, index_tar, token_dtype
+from megatrain.data.packed import load_manifest
+from megatrain.data.shards import file_sha256, index_tar
 from megatrain.data.tokenizer import load_tokenizer
 from megatrain.errors import DataError
 
 _REBUILD_HINT = "rebuild it with `megatrain-data build ...`"
-_REQUIRED = ("format", "version", "tokenizer", "vocab_size", "dtype", "eos_id", "pad_id", "bos_id", "add_bos",
-             "seq_len", "rows_per_block", "documents", "tokens", "rows", "sources", "shards")
 
 
 def verify_token_dataset(path: str | Path, check_blocks: bool = True, decode_sample: bool = True) -> dict:
@@ -78,28 +76,8 @@ def verify_token_dataset(path: str | Path, check_blocks: bool = True, decode_sam
 
 
 def load_token_manifest(path: Path) -> dict:
-    """Reads and checks the format, version and required fields of a dataset's manifest.json."""
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise DataError(f"{manifest_path} does not exist (unfinished build or not a dataset); {_REBUILD_HINT}")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(f"{manifest_path} is not valid JSON ({error}); {_REBUILD_HINT}")
-    if not isinstance(manifest, dict) or manifest.get("format") != "megatrain-token-shards":
-        raise DataError(f"{manifest_path} is not a megatrain-token-shards manifest; {_REBUILD_HINT}")
-    if manifest.get("version") != 1:
-        raise DataError(f"{manifest_path} is version {manifest.get('version')!r}; this megatrain reads version 1")
-    missing = [field for field in _REQUIRED if field not in manifest]
-    if missing:
-        raise DataError(f"{manifest_path} lacks field(s) {', '.join(missing)}; {_REBUILD_HINT}")
-    expected_dtype = token_dtype(manifest["vocab_size"]).name
-    if manifest["dtype"] != expected_dtype:
-        raise DataError(
-            f"{manifest_path}: dtype {manifest['dtype']} does not match vocab_size {manifest['vocab_size']} "
-            f"(expected {expected_dtype}); {_REBUILD_HINT}"
-        )
-    return manifest
+    """Reads and checks the format, version, required fields and dtype of a dataset's manifest.json."""
+    return load_manifest(path / "manifest.json")
 
 
 def _check_shard(shard_path: Path, shard: dict, manifest: dict) -> None:

@@ -22,14 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from megatrain.data.shards import TarFiles, file_sha256
+from megatrain.data.shards import TarFiles, file_sha256, token_dtype
 from megatrain.errors import DataError
 
 PACKED_FORMAT = "megatrain-token-shards"
 PACKED_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 _REBUILD_HINT = "rebuild it with `megatrain-data build ...` (a rerun keeps the shards that are intact)"
-_REQUIRED = ("name", "tokenizer", "vocab_size", "dtype", "eos_id", "pad_id", "seq_len", "rows_per_block",
+_REQUIRED = ("name", "tokenizer", "vocab_size", "dtype", "eos_id", "pad_id", "bos_id", "add_bos", "seq_len",
+             "rows_per_block",
              "documents", "tokens", "rows", "sources", "shards")
 
 
@@ -62,7 +63,7 @@ class PackedDataset:
         if not self.path.is_dir():
             raise DataError(f"dataset folder {self.path} does not exist; build it with "
                             f"`megatrain-data build --source NAME=PATH ... --out {self.path}`")
-        self.manifest = _load_manifest(self.path / MANIFEST_NAME)
+        self.manifest = load_manifest(self.path / MANIFEST_NAME)
         m = self.manifest
         self.name: str = m["name"]
         self.seq_len: int = m["seq_len"]
@@ -164,7 +165,12 @@ class PackedDataset:
         return bad
 
 
-def _load_manifest(path: Path) -> dict:
+def load_manifest(path: Path) -> dict:
+    """Parses a token-shard manifest and checks its format, version, fields and token dtype.
+
+    Raises:
+        DataError: Naming the file and what is wrong with it.
+    """
     if not path.is_file():
         raise DataError(f"{path} does not exist (an unfinished build, or not a dataset folder); {_REBUILD_HINT}")
     try:
@@ -181,4 +187,7 @@ def _load_manifest(path: Path) -> dict:
     missing = [key for key in _REQUIRED if key not in manifest]
     if missing:
         raise DataError(f"{path} lacks field(s) {', '.join(missing)}; {_REBUILD_HINT}")
+    if manifest["dtype"] != token_dtype(manifest["vocab_size"]).name:
+        raise DataError(f"{path}: dtype {manifest['dtype']} does not match vocab_size {manifest['vocab_size']} "
+                        f"(expected {token_dtype(manifest['vocab_size']).name}); {_REBUILD_HINT}")
     return manifest
