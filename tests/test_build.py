@@ -151,6 +151,18 @@ def test_files_glob_strips_html_and_unpacks_gz(tmp_path):
     assert "var x" not in texts["sub/b.html"]
 
 
+@pytest.mark.parametrize("markup", ["<p>a \t</p>b  \n\n\n\n\nc \t", "x\t\n \ny  ", " \n\t\n", "<br>  <br>\t<li> z", "q"])
+def test_html_blank_line_trimming_matches_the_regex_definition(markup):
+    import html
+    import re
+
+    from data_tools import sources
+
+    text = sources._HTML_BLOCK_TAG.sub("\n", sources._HTML_DROPPED.sub("", markup))
+    text = re.sub(r"[ \t]+\n", "\n", html.unescape(sources._HTML_TAG.sub("", text)))
+    assert sources.html_to_text(markup) == re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+
 def test_save_to_disk_folders(tmp_path):
     import datasets
 
