@@ -151,8 +151,11 @@ def test_files_glob_strips_html_and_unpacks_gz(tmp_path):
     assert "var x" not in texts["sub/b.html"]
 
 
-@pytest.mark.parametrize("markup", ["<p>a \t</p>b  \n\n\n\n\nc \t", "x\t\n \ny  ", " \n\t\n", "<br>  <br>\t<li> z", "q"])
-def test_html_blank_line_trimming_matches_the_regex_definition(markup):
+@pytest.mark.parametrize("markup", ["<p>a \t</p>b  \n\n\n\n\nc \t", "x\t\n \ny  ", " \n\t\n", "<br>  <br>\t<li> z", "q",
+                                    "<P>a</Div>b<bR>c<pRe>d<h2>e", "<d\u0130v>x<d\u0131v>y<blocKquote>z<p>w",
+                                    "<paragraph>a<table x=1>b<br/>c"])
+def test_html_to_text_matches_its_reference_definition(markup):
+    """The fast paths (lower-case block tags, per-line blank trimming) match the plain regexes."""
     import html
     import re
 
