@@ -1,15 +1,22 @@
 """Build throughput: `megatrain-data build` against the tokenizer's own `encode_batch` on the same text.
 
-The text is the Debian corpus the tests use (pari-doc LaTeX, Coq's standard library, gap-doc HTML;
-fetched into ~/.cache/megatrain-tests/debian by `pytest tests/test_build.py -k debian`), or generated
-documents where it is missing. Both sides run in one process, alternating, with the same tokenizer:
+The text is the Debian corpus the tests use (pari-doc LaTeX, Coq's standard library `.v` files, gap-doc
+HTML, and Coq's coqdoc HTML pages; fetched into ~/.cache/megatrain-tests/debian by
+`pytest tests/test_build.py -k debian`), whole sources in that order until about `--mb` MB of text,
+nothing repeated or cut; generated documents where the cache is missing. The default takes all four
+sources (27.5 MB of text from 107 MB of files) so the build runs for seconds: a data engineer builds
+GBs, and the figure should be the steady-state rate, where starting the worker pool weighs little.
+`--mb 20` gives the first three sources (17 MB), the corpus of the first measurements.
 
-- encode: `tokenizer.encode_batch(all documents)` in this process, with the tokenizer's default
-  threading (sentencepiece and HF tokenizers use every core);
-- build: `build_dataset` with the default worker count: reading, tokenizing, packing, writing and
-  hashing shards (a fresh output folder each round).
+Both sides run in one process, alternating, with the same tokenizer (trained on the text):
 
-    python bench/build_throughput.py [--tokenizer sentencepiece|hf] [--rounds 3] [--mb 40]
+- encode: `tokenizer.encode_batch(all documents)` on text already read and HTML-stripped in this
+  process, with the tokenizer's default threading (sentencepiece and HF tokenizers use every core);
+- build: `build_dataset` with the default worker count, end to end: reading the files, stripping
+  HTML, tokenizing, packing, writing and hashing shards (a fresh output folder each round). Round 0
+  also starts the fork server that later builds in this process reuse.
+
+    python bench/build_throughput.py [--tokenizer sentencepiece|hf] [--rounds 3] [--mb 100]
 
 The last line printed is `build/encode ratio: X.XX` (median tokens/s of build over encode). Goal: >= 0.9.
 """
@@ -41,7 +48,8 @@ def corpus(folder: Path, megabytes: float) -> list[str]:
     if (DEBIAN / "libcoq-stdlib" / ".complete").is_file():
         sources = [f"pari-doc={DEBIAN}/pari-doc/usr/share/pari/doc/*.tex",
                    f"coq={DEBIAN}/libcoq-stdlib/usr/lib/ocaml/coq/theories/**/*.v",
-                   f"gap-doc={DEBIAN}/gap-doc/usr/share/doc/gap/doc/**/*.html"]
+                   f"gap-doc={DEBIAN}/gap-doc/usr/share/doc/gap/doc/**/*.html",
+                   f"coqdoc={DEBIAN}/libcoq-stdlib/usr/share/doc/libcoq-stdlib/html/*.html"]
     else:
         print("Debian corpus not cached; using generated text", file=sys.stderr)
         import json
@@ -69,7 +77,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", choices=("sentencepiece", "hf"), default="sentencepiece")
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--mb", type=float, default=40.0, help="about this much text")
+    parser.add_argument("--mb", type=float, default=100.0, help="about this much text (whole sources)")
     parser.add_argument("--shard-mb", type=float, default=1.0, help="work unit size (more units than workers)")
     args = parser.parse_args()
 
