@@ -44,24 +44,38 @@ def pack_documents(
     Returns:
         (tokens, doc_starts): the flat token stream (dtype) and each document's start offset (int64).
     """
+    special = (bos_id is not None) + 1
     chunks: list[np.ndarray] = []
-    starts: list[int] = []
-    flat: list[int] = []
+    starts: list[np.ndarray] = []
     offset = 0
-    # Extending one Python list and converting it once per ~1M tokens is several times faster than an
-    # array per document, and bounds the Python ints alive at once (~36 bytes each).
-    for ids in token_lists:
-        starts.append(offset + len(flat))
+    pending: list[Sequence[int]] = []
+    pending_tokens = 0
+
+    def flush() -> None:
+        # Filling slices of one preallocated array converts Python ints about twice as fast as
+        # growing a list and calling np.array on it (~11 vs ~24 ns a token, measured).
+        nonlocal offset, pending, pending_tokens
+        lengths = np.fromiter((len(ids) for ids in pending), dtype=np.int64, count=len(pending)) + special
+        ends = np.cumsum(lengths)
+        chunk = np.empty(int(ends[-1]) if len(ends) else 0, dtype=dtype)
+        for ids, end, length in zip(pending, ends.tolist(), lengths.tolist()):
+            chunk[end - length + (bos_id is not None): end - 1] = ids
         if bos_id is not None:
-            flat.append(bos_id)
-        flat.extend(ids.tolist() if isinstance(ids, np.ndarray) else ids)
-        flat.append(eos_id)
-        if len(flat) >= _FLUSH_TOKENS:
-            chunks.append(np.array(flat, dtype=dtype))
-            offset += len(flat)
-            flat = []
-    chunks.append(np.array(flat, dtype=dtype))
-    return np.concatenate(chunks), np.array(starts, dtype=np.int64)
+            chunk[ends - lengths] = bos_id
+        chunk[ends - 1] = eos_id
+        chunks.append(chunk)
+        starts.append(offset + ends - lengths)
+        offset += chunk.size
+        pending, pending_tokens = [], 0
+
+    for ids in token_lists:
+        pending.append(ids)
+        pending_tokens += len(ids)
+        if pending_tokens >= _FLUSH_TOKENS:  # bounds the Python ints alive at once (~36 bytes each)
+            flush()
+    if pending or not chunks:
+        flush()
+    return np.concatenate(chunks), np.concatenate(starts).astype(np.int64)
 
 
 def iter_blocks(
