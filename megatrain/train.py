@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatrain.checkpoint import Checkpointer, check_compatible
+from megatrain.checkpoint import Checkpointer, check_compatible, check_elastic
 from megatrain.config import Config, gradient_accumulation_steps, save_config, validate
 from megatrain.data.loader import QALoader
 from megatrain.data.mix_loader import MixtureLoader, open_mixture
@@ -38,7 +38,9 @@ def preflight(cfg: Config, world_size: int, resume: bool) -> Data:
     checkpoints = Path(cfg.run.dir) / "checkpoints"
     has_checkpoint = (checkpoints / "latest").is_file()
     if resume and has_checkpoint:
-        check_compatible(checkpoints / (checkpoints / "latest").read_text().strip(), cfg)
+        latest = checkpoints / (checkpoints / "latest").read_text().strip()
+        check_compatible(latest, cfg)
+        check_elastic(latest, cfg, world_size)
     if resume and not has_checkpoint:
         raise CheckpointError(f"--resume: no checkpoint in {checkpoints}; train without --resume first")
     if not resume and has_checkpoint:

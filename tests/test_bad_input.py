@@ -95,3 +95,11 @@ def test_bad_mixture_settings(tmp_path, override, needles):
 def test_a_mixture_source_that_was_never_built(tmp_path):
     result = run_megatrain("train", MIXTURE, f"--run.dir={tmp_path / 'run'}", f"--data.sources.tex.path={tmp_path}/x")
     assert_one_clear_line(result, f"{tmp_path}/x", "megatrain-data build")
+
+
+def test_zero3_resume_onto_another_rank_count_is_refused(reference_run, dm_data):
+    before = tree_digest(reference_run)
+    result = run_megatrain("train", SMOKE, "--nproc", 1, f"--run.dir={reference_run}",
+                           f"--data.shards={dm_data['shards']}", "--resume", "--parallel.zero_stage=3")
+    assert_one_clear_line(result, "written by 2 ranks with ZeRO-3", "on 1 ranks")
+    assert tree_digest(reference_run) == before
