@@ -112,14 +112,26 @@ class SlurmTrain(submitit.helpers.Checkpointable):
             summary = train(cfg, resume=resume, stop=stop)
         if "stopped_at" not in summary:
             return summary
-        print(f"stopped by {summary['signal']} at step {summary['stopped_at']}; requeueing", flush=True)
         if dist.rank == 0:
+            state = _job_state(submitit.JobEnvironment().job_id)
+            if summary["signal"] == "SIGTERM" and state not in ("RUNNING", None):
+                # scancel and the hard time limit send SIGTERM too, to a job SLURM is already ending
+                # (COMPLETING); `scontrol requeue` would revive a cancelled job.
+                print(f"job {state.lower()}: checkpoint at step {summary['stopped_at']}, not requeued", flush=True)
+                sys.exit(128 + signal.SIGTERM)
+            print(f"stopped by {summary['signal']} at step {summary['stopped_at']}; requeueing", flush=True)
             submitit_requeue(signal.SIGUSR2, None)  # exits this process once the job is requeued
         # The other ranks wait for the requeue to end them: a task that exits early can make srun
         # (KillOnBadExit) kill rank 0 before it has requeued the job.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        time.sleep(300)
-        raise RuntimeError("rank 0 did not requeue the job within 300 s; see its log")
+        time.sleep(60)
+        raise RuntimeError("rank 0 did not requeue the job within 60 s; see its log")
+
+
+def _job_state(job_id: str) -> str | None:
+    """SLURM's JobState of a job (COMPLETING while scancel ends it), None where scontrol cannot tell."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    return next((f.split("=", 1)[1] for f in out.stdout.split() if f.startswith("JobState=")), None)
 
 
 # ----------------------------------------------------------------------------- checks before submitting
@@ -169,13 +181,17 @@ def check_run_folder(cfg: Config) -> None:
     The same config (up to CONTINUABLE keys) continues the run from its latest checkpoint.
     """
     run_dir = Path(cfg.run.dir)
-    done = run_dir / "DONE"
-    if done.is_file():
-        raise ConfigError(f"{run_dir} holds a finished run (DONE); set --run.dir to a new folder "
-                          "(nothing was submitted)")
     saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
-        return
+    if saved_path.is_file():
+        _check_same_config(cfg, saved_path)
+    done = run_dir / "DONE"
+    if done.is_file() and json.loads(done.read_text() or "{}").get("step", 0) >= cfg.train.steps:
+        raise ConfigError(f"{run_dir} holds a finished run (DONE at step {cfg.train.steps}); raise train.steps to "
+                          "continue it, or set --run.dir to a new folder (nothing was submitted)")
+
+
+def _check_same_config(cfg: Config, saved_path: Path) -> None:
+    run_dir = saved_path.parent
     saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
     ours = _flatten(to_dict(cfg))
     diffs = [f"{k}: folder {saved.get(k)!r}, config {v!r}" for k, v in ours.items()
@@ -221,8 +237,8 @@ def preflight_runs(runs: list[tuple[list[str], Config]], res: Resources) -> None
         except ConfigError as e:
             raise ConfigError(f"--nodes {res.nodes} x {res.ranks_per_node} tasks per node = {res.world_size} "
                               f"ranks does not fit the config: {e}") from None
+        check_run_folder(cfg)  # before preflight: "another config" says more than its checkpoint's shape
         preflight(cfg, res.world_size, resume=(Path(cfg.run.dir) / "checkpoints" / "latest").is_file())
-        check_run_folder(cfg)
 
 
 # ----------------------------------------------------------------------------- submitting
