@@ -107,6 +107,7 @@ def train(cfg: Config, resume: bool = False, stop: StopRequest | None = None) ->
     if world.is_main:
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.run.dir) / "config.yaml")
+        (Path(cfg.run.dir) / "DONE").unlink(missing_ok=True)  # continued past its old end: not done any more
 
     model = build_model(cfg.model, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id,
                         world.device_type)

@@ -235,3 +235,63 @@ def test_dry_run_prints_the_sbatch_script_and_submits_nothing(dm_data, tmp_path)
 
 def test_sweep_needs_values(dm_data, tmp_path):
     assert_one_clear_line(submit(tmp_path / "run", dm_data, "--sweep", "optim.lr", "--dry-run"), "--sweep")
+
+
+# ----------------------------------------------------------------------------- multi-node, on a made-up node list
+# Two real nodes are not available to these tests (one slurmd here); what a task on the second of
+# two nodes derives is checked on the environment SLURM would give it.
+
+TWO_NODES = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_STEP_NODELIST": "node[01-02]",
+             "SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+             "SLURM_STEP_ID": "0", "SLURM_GPUS_ON_NODE": "2"}
+
+
+def test_rank_env_of_the_last_task_on_two_nodes():
+    from megatrain.parallel.launcher_env import master_port_for_job, rank_env
+
+    env = rank_env(TWO_NODES)
+    assert env == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
+                   "MASTER_ADDR": "node01", "MASTER_PORT": str(master_port_for_job("4242"))}
+    # Every task of the job derives the same rendezvous; a launcher's own values win.
+    assert rank_env({**TWO_NODES, "SLURM_PROCID": "0", "SLURM_LOCALID": "0"})["MASTER_PORT"] == env["MASTER_PORT"]
+    assert rank_env({**TWO_NODES, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"})["MASTER_ADDR"] == "10.0.0.1"
+    assert rank_env({**TWO_NODES, "WORLD_SIZE": "4"}) == {}  # torchrun / deepspeed already said it
+    batch_script = {k: v for k, v in TWO_NODES.items() if not k.startswith("SLURM_STEP")}
+    assert rank_env(batch_script) == {}  # not inside srun: `--nproc` starts the ranks there
+
+
+def test_rank_env_under_mpirun():
+    from megatrain.errors import MegatrainError
+    from megatrain.parallel.launcher_env import rank_env
+
+    ompi = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_SIZE": "8",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}
+    assert rank_env({**ompi, "MASTER_ADDR": "node01", "MASTER_PORT": "29500"}) == {
+        "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "node01",
+        "MASTER_PORT": "29500"}
+    with pytest.raises(MegatrainError, match="MASTER_ADDR"):
+        rank_env(ompi)
+
+
+def test_hostfile_from_a_two_node_allocation(tmp_path):
+    from launch.hostfile import read_hostfile
+
+    out = tmp_path / "hostfile"
+    result = subprocess.run([sys.executable, "-m", "launch.hostfile", "-o", str(out)], cwd=REPO, capture_output=True,
+                            text=True, env={**JOB_ENV, **TWO_NODES})
+    assert result.returncode == 0, result.stderr
+    assert out.read_text() == "node01 slots=2\nnode02 slots=2\n"
+    assert read_hostfile(out) == {"node01": 2, "node02": 2}
+    result = subprocess.run([sys.executable, "-m", "launch.hostfile", "--nodelist", "gpu[7,9-10]", "--slots", "8"],
+                            cwd=REPO, capture_output=True, text=True, env=JOB_ENV)
+    assert result.stdout == "gpu7 slots=8\ngpu9 slots=8\ngpu10 slots=8\n"
+
+
+def test_nodelist_without_scontrol_matches_scontrol():
+    # Where scontrol is installed, expand_nodelist asks it; submitit's parser is the fallback.
+    from submitit.slurm.slurm import _parse_node_list
+
+    from megatrain.parallel.launcher_env import expand_nodelist
+
+    for nodelist in ("node[01-02]", "gpu[7,9-10],cpu3"):
+        assert _parse_node_list(nodelist) == expand_nodelist(nodelist)
