@@ -295,3 +295,27 @@ def test_nodelist_without_scontrol_matches_scontrol():
 
     for nodelist in ("node[01-02]", "gpu[7,9-10],cpu3"):
         assert _parse_node_list(nodelist) == expand_nodelist(nodelist)
+
+
+def test_srun_and_deepspeed_hostfile_inside_an_allocation(slurm_cluster, dm_data, reference_run, tmp_path,
+                                                          deepspeed_ops):
+    # `srun python -m megatrain train` is what `deepspeed --launcher slurm` runs on each node; the ranks
+    # take their rank variables from srun (parallel/launcher_env.py). Then the deepspeed launcher with a
+    # hostfile written from the allocation (one node here, so DeepSpeed starts its local ranks itself).
+    data = f"--data.shards={dm_data['shards']} --data.eval_released={dm_data['released']}"
+    script = tmp_path / "job.sh"
+    script.write_text(f"""#!/bin/bash
+set -e
+cd {REPO}
+srun --kill-on-bad-exit=1 {sys.executable} -m megatrain train {SMOKE} --run.dir={tmp_path / 'srun'} {data}
+{sys.executable} -m launch.hostfile -o {tmp_path / 'hostfile'}
+deepspeed --hostfile {tmp_path / 'hostfile'} --launcher slurm --no_ssh_check --master_addr "$(scontrol show hostnames \
+  "$SLURM_JOB_NODELIST" | head -n1)" --module megatrain train {SMOKE} --run.dir={tmp_path / 'ds'} {data}
+""")
+    result = subprocess.run(["sbatch", "--wait", "--ntasks-per-node=2", "-o", str(tmp_path / "job.out"), str(script)],
+                            capture_output=True, text=True, env=JOB_ENV, timeout=300)
+    assert result.returncode == 0, (tmp_path / "job.out").read_text()[-3000:]
+    assert (tmp_path / "hostfile").read_text() == f"{os.uname().nodename.split('.')[0]} slots=2\n"
+    for run in ("srun", "ds"):
+        assert (tmp_path / run / "DONE").is_file()
+        assert losses(tmp_path / run) == losses(reference_run)
