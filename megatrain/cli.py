@@ -1,4 +1,4 @@
-"""`megatrain train | eval | generate`."""
+"""`megatrain train | eval | generate | submit | status`."""
 
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ def _train(args, overrides: list[str]) -> int:
         argv = ["train", args.config, *(["--resume"] if args.resume else []), *overrides]
         return run_local(args.nproc, argv)
     summary = train(cfg, resume=args.resume)
+    if "stopped_at" in summary:  # SIGTERM/SIGUSR2: a checkpoint at that step, then out
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"stopped by {summary['signal']} at step {summary['stopped_at']} with a checkpoint; "
+                  "continue with --resume (or --auto-resume)", file=sys.stderr)
+        return 128 + 15
     if int(os.environ.get("RANK", 0)) == 0 and summary.get("n"):
         print(json.dumps({k: summary[k] for k in ("n", "exact_match", "numeric_match",
                                                    "teacher_forced_exact_match")}))
@@ -73,6 +78,55 @@ def _generate(args, overrides: list[str]) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- SLURM (launch/slurm.py)
+
+def _submit(args, overrides: list[str]) -> int:
+    from launch.slurm import Resources, submit
+
+    res = Resources(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+                    cpus_per_task=args.cpus_per_task, partition=args.partition, time_min=args.time,
+                    account=args.account, qos=args.qos, constraint=args.constraint, mem=args.mem,
+                    signal_delay_s=args.signal_delay)
+    submit(args.config, overrides, res, sweeps=args.sweep, dry_run=args.dry_run)
+    return 0
+
+
+def _status(args, overrides: list[str]) -> int:
+    from launch.status import format_status, run_status
+
+    if overrides:
+        raise MegatrainError(f"status takes no overrides, got {' '.join(overrides)}")
+    status = run_status(args.run_dir)
+    print(json.dumps(status) if args.json else format_status(status))
+    return 0
+
+
+def _add_slurm_commands(sub) -> None:
+    s = sub.add_parser("submit", help="submit CONFIG to SLURM through submitit (one task per GPU); "
+                                      "--section.key=value overrides it")
+    s.add_argument("config")
+    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task (rank) each")
+    s.add_argument("--tasks-per-node", type=int, default=None, help="ranks per node where there are no GPUs")
+    s.add_argument("--cpus-per-task", type=int, default=None)
+    s.add_argument("--partition", default=None, help="default: the cluster's default partition")
+    s.add_argument("--time", type=int, default=60, help="time limit in minutes (the job requeues itself at it)")
+    s.add_argument("--account", default=None)
+    s.add_argument("--qos", default=None)
+    s.add_argument("--constraint", default=None)
+    s.add_argument("--mem", default=None, help="memory per node, SLURM syntax (64G)")
+    s.add_argument("--signal-delay", type=int, default=90,
+                   help="seconds before the time limit at which the job checkpoints and requeues")
+    s.add_argument("--sweep", action="append", default=[], metavar="KEY=v1,v2",
+                   help="one run per value, all in one job array; repeat for a grid")
+    s.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    s.set_defaults(run=_submit)
+    st = sub.add_parser("status", help="state, step, last loss, restarts and SLURM jobs of a run folder")
+    st.add_argument("run_dir")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(run=_status)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatrain", description=__doc__)
     # The deepspeed launcher passes --local_rank=N (before our arguments); LOCAL_RANK in the
@@ -94,6 +148,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("checkpoint")
     g.add_argument("question")
     g.set_defaults(run=_generate)
+    _add_slurm_commands(sub)
     return p
 
 

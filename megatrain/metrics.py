@@ -33,8 +33,8 @@ class Metrics:
 
     def __init__(self, run_dir: str, log_interval: int, world: World, total_steps: int, start_step: int,
                  flops_per_token: float, peak: float | None, tensorboard: bool, progress: bool,
-                 counters=None):
-        self.log_interval, self.world = log_interval, world
+                 counters=None, restarts: int = 0):
+        self.log_interval, self.world, self.restarts = log_interval, world, restarts
         self.counters = counters  # e.g. the loader's per-source token counts, added to every line
         self.flops_per_token, self.peak = flops_per_token, peak
         self._loss_sum, self._tokens, self._steps = 0.0, 0.0, 0
@@ -62,7 +62,7 @@ class Metrics:
         loss_sum, token_sum = all_reduce_sum([self._loss_sum, self._tokens])
         elapsed = time.perf_counter() - self._t0
         record = {"step": step, "loss": loss_sum / (self._steps * self.world.world_size), "lr": lr,
-                  "tokens_per_s": token_sum / elapsed}
+                  "tokens_per_s": token_sum / elapsed, "restarts": self.restarts}
         if self.peak:
             record["mfu"] = self.flops_per_token * record["tokens_per_s"] / (self.peak * self.world.world_size)
         record.update(self.counters() if self.counters else {})

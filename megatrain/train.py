@@ -25,7 +25,9 @@ from megatrain.model.llama import build_model, flops_per_token, num_params
 from megatrain.optim import build_optimizer, build_scheduler
 from megatrain.parallel.checkpointing import apply_ac
 from megatrain.parallel.dims import World, init_world, shutdown
+from megatrain.parallel.launcher_env import export_rank_env
 from megatrain.parallel.zero import wrap
+from megatrain.preemption import StopRequest
 
 
 Data = ShardSet | dict[str, PackedDataset]  # question/answer shards, or a pretraining mixture
@@ -136,13 +138,23 @@ def train_step(engine, loader, accumulation: int) -> tuple[float, int]:
     return loss_sum / accumulation, tokens
 
 
-def train(cfg: Config, resume: bool = False) -> dict:
+def train(cfg: Config, resume: bool = False, stop: StopRequest | None = None) -> dict:
     """Train cfg.train.steps optimizer steps (continuing a checkpoint with resume) and evaluate.
 
+    SIGTERM or SIGUSR2 (the scheduler's preemption / time-limit warning) stops every rank at the
+    next step boundary with a checkpoint there; a `--resume` continues from it.
+
+    Args:
+        stop: the stop flag to watch; None installs one for the duration of this call.
+
     Returns:
-        The final evaluation summary (also written to <run.dir>/eval.json).
+        The final evaluation summary (also written to <run.dir>/eval.json); after a stop signal
+        {"stopped_at": step, "signal": name} instead. A finished run also leaves <run.dir>/DONE.
     """
-    data = preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)), resume)
+    if stop is None:
+        with StopRequest() as stop:
+            return train(cfg, resume, stop)
+    data = preflight(cfg, export_rank_env(), resume)
     world = init_world()
     skipped = []
     if cfg.data.verify:
@@ -152,6 +164,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     if world.is_main:
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.run.dir) / "config.yaml")
+        (Path(cfg.run.dir) / "DONE").unlink(missing_ok=True)  # continued past its old end: not done any more
 
     model = build_model(cfg.model, vocab_size, pad_id, bos_id, eos_id, world.device_type)
     apply_ac(model, cfg.parallel.activation_checkpointing)
@@ -166,7 +179,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
     metrics = Metrics(cfg.run.dir, cfg.log.interval, world, cfg.train.steps, start,
                       flops_per_token(cfg.model, num_params(model), cfg.model.max_seq_len),
                       peak_flops(world.device_type, cfg.precision), cfg.log.tensorboard, cfg.log.progress,
-                      counters=loader.metrics)
+                      counters=loader.metrics,
+                      restarts=int(os.environ.get("SLURM_RESTART_COUNT", 0)))  # SLURM's count of requeues
     eval_problems = load_problems(cfg, cfg.eval.limit) if cfg.eval.interval else []
 
     def run_eval(problems):
@@ -181,8 +195,13 @@ def train(cfg: Config, resume: bool = False) -> dict:
             result = run_eval(eval_problems)
             extra = {f"eval/{k}": result[k] for k in ("exact_match", "numeric_match", "teacher_forced_exact_match")}
         metrics.step(step, loss, tokens, engine.get_lr()[0], extra)
-        if checkpointer.due(step, last):
+        stopping = stop.requested()
+        if checkpointer.due(step, last) or stopping:
             checkpointer.save(step, engine, loader)
+        if stopping:
+            metrics.close()
+            shutdown()
+            return {"stopped_at": step, "signal": stop.signal_name or "a signal on another rank"}
     metrics.close()
     summary = {}
     # After an exit_interval stop the final eval belongs to the run's real end, not here.
@@ -190,5 +209,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         summary = run_eval(load_problems(cfg, cfg.eval.final_limit))
         if world.is_main:
             (Path(cfg.run.dir) / "eval.json").write_text(json.dumps({"step": last, **summary}, indent=2))
+    if last == cfg.train.steps and world.is_main:
+        (Path(cfg.run.dir) / "DONE").write_text(json.dumps({"step": last}) + "\n")
     shutdown()
     return summary
