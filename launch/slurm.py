@@ -35,8 +35,9 @@ RECORD = "slurm.json"
 """Per run folder: the SLURM jobs submitted for it, with their log paths (read by `megatrain status`)."""
 
 # Config keys a continued run may change: how long it trains and what it logs, not what it trains.
+# Mixture weights may change too: that starts a next data stage (the loader checks each dataset).
 CONTINUABLE = ("run.dir", "train.steps", "train.exit_interval", "data.num_workers", "data.verify", "log.",
-               "eval.", "checkpoint.")
+               "eval.", "checkpoint.", "data.sources.", "data.mixture_window", "data.on_bad_shard")
 
 
 @dataclass

@@ -121,43 +121,45 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, dm_data, tmp
     import submitit
 
     run = tmp_path / "run"
-    interval = 10
-    result = submit(run, dm_data, "--tasks-per-node", "2", "--train.steps=40", f"--checkpoint.interval={interval}")
+    interval = 50
+    # 200 steps take ~12 s on an idle 2-core machine: the signal lands mid-run, not after the end.
+    result = submit(run, dm_data, "--tasks-per-node", "2", "--train.steps=200", f"--checkpoint.interval={interval}")
     assert result.returncode == 0, result.stderr[-3000:]
     job = job_id(run)
     wait_for(lambda: steps_logged(run) >= 3, 120, "the first steps", poll=0.2)
     submitit.SlurmJob(run / "slurm", job, tasks=[0, 1])._interrupt()  # SIGTERM + USR2, as a preemption
     final = wait_done(run)
     assert "REQUEUED" in sacct_history(job)
-    assert final["step"] == 40 and final["restarts"] == 1
+    assert final["step"] == 200 and final["restarts"] == 1
     steps = [(r["step"], r["restarts"]) for r in records(run)]
     before = [s for s, restarts in steps if restarts == 0]
     after = [s for s, restarts in steps if restarts == 1]
-    assert before == list(range(1, len(before) + 1)) and after[-1] == 40
+    assert before == list(range(1, len(before) + 1)) and after[-1] == 200
     # The stop wrote a checkpoint at its own step, so at most one interval is trained twice (here: none).
     repeated = before[-1] - (after[0] - 1)
     assert 0 <= repeated <= interval, steps
-    assert after == list(range(after[0], 41))
+    assert after == list(range(after[0], 201))
     assert records(run)[-1]["loss"] < records(run)[0]["loss"]
 
 
 def test_time_limit_requeues_and_resumes(slurm_cluster, dm_data, tmp_path, deepspeed_ops):
-    # --time 1 with the warning 40 s before it: SLURM sends USR2 ~15-20 s into the job, long before
-    # 200 steps are done. Once requeued, the limit is raised (as an admin would) so the resumed
-    # attempt is not cut short again and the test does not depend on how fast steps run.
+    # --time 1 with the warning 40 s before it: SLURM sends USR2 ~15-20 s into the job. 1,000 steps
+    # take ~60 s on an idle 2-core machine (16 steps/s), so the signal comes first with a 3x margin
+    # (200 steps did not: they finished in 12 s). Once requeued, the limit is raised (as an admin
+    # would) so the resumed attempt is not cut short again, however slow the machine is.
     run = tmp_path / "run"
-    result = submit(run, dm_data, "--tasks-per-node", "2", "--train.steps=200", "--checkpoint.interval=50",
+    result = submit(run, dm_data, "--tasks-per-node", "2", "--train.steps=1000", "--checkpoint.interval=100",
                     "--time", "1", "--signal-delay", "40")
     assert result.returncode == 0, result.stderr[-3000:]
     job = job_id(run)
     wait_for(lambda: "REQUEUED" in sacct_history(job), 150, "the time-limit requeue")
     subprocess.run(["scontrol", "update", f"jobid={job}", "timelimit=10"], check=True, capture_output=True)
-    final = wait_done(run, timeout=300)
-    assert final["step"] == 200 and final["restarts"] >= 1
+    final = wait_done(run, timeout=400)
+    assert final["step"] == 1000 and final["restarts"] >= 1
     log = (run / "slurm" / f"{job}_0_log.out").read_text()
     assert "stopped by SIGUSR2" in log and "this job is timed-out" in log
     resumed = [r["step"] for r in records(run) if r["restarts"] == 1]
-    assert resumed and resumed[-1] == 200 or final["restarts"] > 1
+    assert resumed and resumed[-1] == 1000 or final["restarts"] > 1
 
 
 def test_cancel_ends_the_job_without_requeue(slurm_cluster, dm_data, tmp_path, deepspeed_ops):
