@@ -113,6 +113,8 @@ SlurmdLogFile=$LOG/slurmd.log
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS Sockets=$SOCKETS CoresPerSocket=$CORES ThreadsPerCore=$THREADS RealMemory=$MEM State=UNKNOWN
 PartitionName=$PART Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
+# the two namespaced nodes of launch/slurm_netns_nodes.sh, while that is up
+[ -s "$ETC/netns-nodes.conf" ] && cat "$ETC/netns-nodes.conf" >> "$ETC/slurm.conf.tmp"
 mv "$ETC/slurm.conf.tmp" "$ETC/slurm.conf"
 
 # Clients (sbatch, srun, sacct, submitit) read /etc/slurm/slurm.conf. A config that was there before

@@ -21,6 +21,11 @@ if [ "$PURGE" = 1 ] && [ -s "$RUN/slurmctld.pid" ] && scontrol ping >/dev/null 2
   fi
 fi
 
+# the namespaced nodes of launch/slurm_netns_nodes.sh, if up: their slurmd, namespaces, bridge
+if [ -d "$STATE/netns" ]; then
+  MEGATRAIN_NETNS_NO_RESTART=1 bash "$(dirname "$0")/slurm_netns_nodes.sh" down
+fi
+
 # stop NAME: SIGTERM the pid in $RUN/NAME.pid if that is a live NAME process; SIGKILL after 30 s
 stop() {
   local name=$1 file="$RUN/$1.pid" pid
