@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from conftest import REPO, losses
-from test_slurm import CLUSTER_DIR, JOB_ENV, job_id, slurm_cluster, status, submit, wait_done  # noqa: F401
+from test_slurm import CLUSTER_DIR, JOB_ENV, job_id, slurm_cluster, submit, wait_done  # noqa: F401 (fixture)
 
 NETNS = REPO / "launch" / "slurm_netns_nodes.sh"
 
