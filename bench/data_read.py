@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from data_tools.packing import shard_file_name, write_token_shard  # noqa: E402
+from data_tools.packing import write_token_shard  # noqa: E402
+from megatrain.data.shards import shard_file_name  # noqa: E402
 from megatrain.data.packed import PACKED_FORMAT, PACKED_FORMAT_VERSION  # noqa: E402
 
 VOCAB = 32000

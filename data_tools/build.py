@@ -33,15 +33,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_tools.packing import shard_file_name, write_token_shard
-from data_tools.shards import _write_manifest
+from data_tools.packing import write_token_shard
+from megatrain.data.shards import shard_file_name
+from data_tools.shards import write_json_atomic
+from megatrain.data.packed import PACKED_FORMAT, PACKED_FORMAT_VERSION
 from data_tools.sources import SourceSpec, input_files, iter_documents, parse_source
 from megatrain.data.shards import file_sha256, token_dtype
 from megatrain.data.tokenizer import SENTENCEPIECE_FILE, TextTokenizer, load_tokenizer
 from megatrain.errors import DataError
 
-DATASET_FORMAT = "megatrain-token-shards"
-DATASET_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 STATE_DIR = ".build"
@@ -147,8 +147,8 @@ def build_dataset(
     for spec in specs:
         source_stats[spec.name]["input_bytes"] = sum(entry["size"] for entry in state["inputs"][spec.name])
     manifest = {
-        "format": DATASET_FORMAT,
-        "version": DATASET_VERSION,
+        "format": PACKED_FORMAT,
+        "version": PACKED_FORMAT_VERSION,
         "name": name or out_dir.resolve().name,
         "tokenizer": {"path": TOKENIZER_DIR, "kind": tokenizer.kind, "files": tokenizer_files},
         "vocab_size": tokenizer.vocab_size,
@@ -173,7 +173,7 @@ def build_dataset(
 
 def write_manifest(out_dir: str | Path, manifest: dict) -> None:
     """Writes `out_dir/manifest.json` (sorted keys, indent 2) atomically via a temp file."""
-    _write_manifest(Path(out_dir) / MANIFEST_NAME, manifest)
+    write_json_atomic(Path(out_dir) / MANIFEST_NAME, manifest)
 
 
 def _iter_jobs(
@@ -328,7 +328,7 @@ def _build_unit(job: _UnitJob) -> dict:
     entry["source"] = job.source
     os.replace(temp_path, out_dir / shard_name)
     # The sidecar is written after the shard is in place: a sidecar always means a complete shard.
-    _write_json_atomic(_sidecar_path(out_dir, job.index), {"entry": entry, "signature": job.signature})
+    write_json_atomic(_sidecar_path(out_dir, job.index), {"entry": entry, "signature": job.signature})
     return entry
 
 
@@ -369,7 +369,7 @@ def _prepare_out_dir(out_dir: Path, state: dict) -> dict | None:
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         same = (
-            manifest.get("format") == DATASET_FORMAT
+            manifest.get("format") == PACKED_FORMAT
             and manifest.get("settings") == state["settings"]
             and manifest.get("tokenizer", {}).get("files") == state["tokenizer"]["files"]
         )
@@ -393,7 +393,7 @@ def _prepare_out_dir(out_dir: Path, state: dict) -> dict | None:
     else:
         if out_dir.exists() and any(out_dir.iterdir()):
             raise DataError(f"{out_dir} is not empty and holds no build; remove it or choose another --out")
-        _write_json_atomic(state_path, state)
+        write_json_atomic(state_path, state)
     for leftover in out_dir.iterdir():
         if _TEMP_MARK in leftover.name and leftover.is_file():
             leftover.unlink()  # a killed worker's half-written shard
@@ -437,13 +437,6 @@ def _copy_tokenizer(tokenizer: TextTokenizer, folder: Path) -> None:
 
 def _sidecar_path(out_dir: Path, index: int) -> Path:
     return out_dir / STATE_DIR / f"{shard_file_name(index)}.json"
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp_path = path.with_name(f"{path.name}{_TEMP_MARK}{os.getpid()}")
-    temp_path.write_text(json.dumps(data, sort_keys=True, indent=2) + "\n", encoding="utf-8")
-    os.replace(temp_path, path)
 
 
 def _check_settings(specs, seq_len, rows_per_block, shard_mb, workers, on_bad_utf8) -> None:

@@ -14,20 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.shards import _TAR_FORMAT, _add_member, _npy_bytes
+from megatrain.data.shards import block_key
 
 DOCS_SUFFIX = "docs.npy"
 TOKENS_SUFFIX = "tokens.npy"
 _FLUSH_TOKENS = 1 << 20
-
-
-def shard_file_name(shard_index: int) -> str:
-    """`shard-NNNNN.tar`."""
-    return f"shard-{shard_index:05d}.tar"
-
-
-def block_key(block_index: int) -> str:
-    """Shard-local key of a block: `block-NNNNNN`."""
-    return f"block-{block_index:06d}"
 
 
 def pack_documents(

@@ -114,7 +114,7 @@ def build_qa_shards(
         "source": dict(source or {}),
         "shards": shard_entries,
     }
-    _write_manifest(out_dir / MANIFEST_NAME, manifest)
+    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
     return manifest
 
 
@@ -170,8 +170,9 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_manifest(path: Path, manifest: dict) -> None:
-    """Writes JSON with sorted keys via a temp file, so readers never see a partial manifest."""
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Writes JSON with sorted keys via a temp file, so readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     temp_path = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp_path.write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n", encoding="utf-8")
+    temp_path.write_text(json.dumps(data, sort_keys=True, indent=2) + "\n", encoding="utf-8")
     os.replace(temp_path, path)

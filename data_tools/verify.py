@@ -6,14 +6,13 @@ do, so a corrupted copy is found before a training run reads it.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 
 from data_tools.packing import DOCS_SUFFIX, TOKENS_SUFFIX, block_key
 from megatrain.data.packed import load_manifest
-from megatrain.data.shards import file_sha256, index_tar
+from megatrain.data.shards import TarFiles, file_sha256
 from megatrain.data.tokenizer import load_tokenizer
 from megatrain.errors import DataError
 
@@ -85,7 +84,8 @@ def _check_shard(shard_path: Path, shard: dict, manifest: dict) -> None:
     name = shard["path"]
     seq_len, rows_per_block = manifest["seq_len"], manifest["rows_per_block"]
     dtype = np.dtype(manifest["dtype"])
-    members = index_tar(shard_path)  # refuses absolute and '..' member paths
+    tars = TarFiles([shard_path], _REBUILD_HINT)
+    members = tars.members(0)  # refuses absolute and '..' member paths
     expected_members = {
         f"{block_key(index)}.{suffix}" for index in range(shard["blocks"]) for suffix in (DOCS_SUFFIX, TOKENS_SUFFIX)
     }
@@ -98,11 +98,11 @@ def _check_shard(shard_path: Path, shard: dict, manifest: dict) -> None:
     if shard["blocks"] != -(-shard["rows"] // rows_per_block):
         raise DataError(f"shard {name}: {shard['rows']} rows cannot make {shard['blocks']} blocks of {rows_per_block}")
     rows = documents = 0
-    with open(shard_path, "rb") as file:
+    try:
         for index in range(shard["blocks"]):
             key = block_key(index)
-            docs = _read_npy(file, members, f"{key}.{DOCS_SUFFIX}", name)
-            tokens = _read_npy(file, members, f"{key}.{TOKENS_SUFFIX}", name)
+            docs = tars.read_npy(0, f"{key}.{DOCS_SUFFIX}")
+            tokens = tars.read_npy(0, f"{key}.{TOKENS_SUFFIX}")
             expected_rows = min(rows_per_block, shard["rows"] - rows)
             where = f"shard {name} {key}"
             if tokens.dtype != dtype or tokens.shape != (expected_rows, seq_len):
@@ -130,6 +130,8 @@ def _check_shard(shard_path: Path, shard: dict, manifest: dict) -> None:
                     raise DataError(f"{where}: the last document does not end with eos then padding; {_REBUILD_HINT}")
             rows += tokens.shape[0]
             documents += docs.size
+    finally:
+        tars.close()
     if rows != shard["rows"] or documents != shard["documents"]:
         raise DataError(
             f"shard {name}: holds {rows} rows and {documents} documents, the manifest says {shard['rows']} and "
@@ -137,23 +139,12 @@ def _check_shard(shard_path: Path, shard: dict, manifest: dict) -> None:
         )
 
 
-def _read_npy(file, members: dict, member: str, shard_name: str) -> np.ndarray:
-    offset, size = members[member]
-    file.seek(offset)
-    data = file.read(size)
-    try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except ValueError as error:
-        raise DataError(f"shard {shard_name}: {member} is not a valid .npy ({error}); {_REBUILD_HINT}")
-
-
 def _decode_first_document(path: Path, manifest: dict, tokenizer_dir: Path) -> str:
     """Decodes the first document of the first shard (up to 4096 tokens) with the dataset's tokenizer."""
     shard = manifest["shards"][0]
-    shard_path = path / shard["path"]
-    members = index_tar(shard_path)
-    with open(shard_path, "rb") as file:
-        tokens = _read_npy(file, members, f"{block_key(0)}.{TOKENS_SUFFIX}", shard["path"]).reshape(-1)
+    tars = TarFiles([path / shard["path"]], _REBUILD_HINT)
+    tokens = tars.read_npy(0, f"{block_key(0)}.{TOKENS_SUFFIX}").reshape(-1)
+    tars.close()
     ends = np.flatnonzero(tokens == manifest["eos_id"])
     document = tokens[: ends[0]] if ends.size else tokens
     if manifest["add_bos"]:

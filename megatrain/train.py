@@ -183,8 +183,10 @@ def train(cfg: Config, resume: bool = False, stop: StopRequest | None = None) ->
                       restarts=int(os.environ.get("SLURM_RESTART_COUNT", 0)))  # SLURM's count of requeues
     eval_problems = load_problems(cfg, cfg.eval.limit) if cfg.eval.interval else []
 
+    eval_tokenizer = Tokenizer(tokenizer_path) if cfg.eval.interval or cfg.eval.final_limit else None
+
     def run_eval(problems):
-        return evaluate(engine.module, Tokenizer(tokenizer_path), problems, world, cfg.eval.batch_size,
+        return evaluate(engine.module, eval_tokenizer, problems, world, cfg.eval.batch_size,
                         cfg.eval.max_new_tokens, cfg.model.max_seq_len)
 
     last = cfg.train.steps if not cfg.train.exit_interval else min(cfg.train.steps, start + cfg.train.exit_interval)

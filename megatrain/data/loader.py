@@ -47,7 +47,32 @@ def collate(examples: list[tuple[list, int]], pad_id: int) -> dict[str, torch.Te
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-class QAStream(IterableDataset):
+class MicroBatchStream(IterableDataset):
+    """One rank's endless stream of micro-batches from `start_micro_step`; subclasses build batch i.
+
+    Each DataLoader worker builds every num_workers-th micro-batch (`worker_micro_steps`); the
+    DataLoader takes them round-robin, so the stream is the same for any worker count.
+    """
+
+    start_micro_step: int = 0
+
+    def micro_batch(self, micro_step: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        for micro_step in worker_micro_steps(self.start_micro_step, worker, num_workers):
+            yield self.micro_batch(micro_step)
+
+
+def iterate(stream: MicroBatchStream, num_workers: int):
+    """The stream's batches through a DataLoader: whole batches built in `num_workers` processes."""
+    return iter(DataLoader(stream, batch_size=None, num_workers=num_workers,
+                           prefetch_factor=4 if num_workers else None))
+
+
+class QAStream(MicroBatchStream):
     """An endless stream of one rank's micro-batches, starting at a given micro-step."""
 
     def __init__(self, shards: ShardSet, seed: int, rank: int, dp_size: int, micro_batch_size: int,
@@ -77,12 +102,6 @@ class QAStream(IterableDataset):
             examples.append(qa_example(question, answer, self.ids, self.max_seq_len))
         return collate(examples, self.ids["pad"])
 
-    def __iter__(self):
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        for micro_step in worker_micro_steps(self.start_micro_step, worker, num_workers):
-            yield self.micro_batch(micro_step)
-
 
 class QALoader:
     """Iterator over micro-batches that knows its exact position for checkpoints."""
@@ -100,11 +119,7 @@ class QALoader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iter is None:
-            stream = QAStream(*self._args, start_micro_step=self.micro_step)
-            loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                prefetch_factor=4 if self.num_workers else None,
-                                persistent_workers=False)
-            self._iter = iter(loader)
+            self._iter = iterate(QAStream(*self._args, start_micro_step=self.micro_step), self.num_workers)
         self.micro_step += 1
         return next(self._iter)
 

@@ -15,11 +15,10 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from megatrain.data.loader import IGNORE_INDEX
+from megatrain.data.loader import IGNORE_INDEX, MicroBatchStream, iterate
 from megatrain.data.mixture import Mixture, Stage, quotas, source_seed
-from megatrain.data.order import SampleOrder, micro_batch_indices, worker_micro_steps
+from megatrain.data.order import SampleOrder, micro_batch_indices
 from megatrain.data.packed import PackedDataset
 from megatrain.errors import CheckpointError, ConfigError, DataError
 
@@ -109,7 +108,7 @@ class MixtureSampler:
         return out
 
 
-class PackedStream(IterableDataset):
+class PackedStream(MicroBatchStream):
     """An endless stream of one rank's micro-batches of packed rows, from a given micro-step."""
 
     def __init__(self, sampler: MixtureSampler, rank: int, dp_size: int, micro_batch_size: int,
@@ -138,12 +137,6 @@ class PackedStream(IterableDataset):
             first, last = np.searchsorted(docs, [r * seq_len, (r + 1) * seq_len])
             samples.append((tokens[r], n, docs[first:last] - r * seq_len))
         return packed_batch(samples, self.attention_reset)
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        for micro_step in worker_micro_steps(self.start_micro_step, worker, num_workers):
-            yield self.micro_batch(micro_step)
 
 
 class MixtureLoader:
@@ -189,8 +182,7 @@ class MixtureLoader:
         if self._iter is None:
             stream = PackedStream(self._sampler, self.rank, self.dp_size, self.micro_batch_size,
                                   self.attention_reset, start_micro_step=self.micro_step)
-            self._iter = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                         prefetch_factor=4 if self.num_workers else None))
+            self._iter = iterate(stream, self.num_workers)
         batch = next(self._iter)
         self.micro_step += 1
         if self.consumed_samples % self.global_batch_size == 0:

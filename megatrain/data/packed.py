@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatrain.data.shards import TarFiles, file_sha256, token_dtype
+from megatrain.data.shards import TarFiles, file_sha256, read_manifest, token_dtype
 from megatrain.errors import DataError
 
 PACKED_FORMAT = "megatrain-token-shards"
@@ -173,20 +173,7 @@ def load_manifest(path: Path) -> dict:
     """
     if not path.is_file():
         raise DataError(f"{path} does not exist (an unfinished build, or not a dataset folder); {_REBUILD_HINT}")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(f"{path} is not valid JSON ({error}); {_REBUILD_HINT}")
-    if not isinstance(manifest, dict) or manifest.get("format") != PACKED_FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise DataError(f"{path} has format {found!r}, expected {PACKED_FORMAT!r} (a dataset made by "
-                        "`megatrain-data build`)")
-    if manifest.get("version") != PACKED_FORMAT_VERSION:
-        raise DataError(f"{path} is version {manifest.get('version')!r}; this megatrain reads version "
-                        f"{PACKED_FORMAT_VERSION}; {_REBUILD_HINT}")
-    missing = [key for key in _REQUIRED if key not in manifest]
-    if missing:
-        raise DataError(f"{path} lacks field(s) {', '.join(missing)}; {_REBUILD_HINT}")
+    manifest = read_manifest(path, PACKED_FORMAT, PACKED_FORMAT_VERSION, _REQUIRED, _REBUILD_HINT)
     if manifest["dtype"] != token_dtype(manifest["vocab_size"]).name:
         raise DataError(f"{path}: dtype {manifest['dtype']} does not match vocab_size {manifest['vocab_size']} "
                         f"(expected {token_dtype(manifest['vocab_size']).name}); {_REBUILD_HINT}")

@@ -33,6 +33,7 @@ TOKENIZER_NAME = "tokenizer.model"
 TOKENS_SUFFIX = "tokens.npy"
 LENGTHS_SUFFIX = "lengths.npy"
 _REBUILD_HINT = "rebuild it with `megatrain-data deepmind shards ...`"
+_REQUIRED = ("tokenizer", "tokenizer_sha256", "vocab_size", "dtype", "block_size", "samples", "tokens", "shards")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -152,7 +153,7 @@ class ShardSet:
                 f"{manifest_path} does not exist (unfinished or not a shard folder); "
                 f"run `megatrain-data deepmind shards ... --out {self.path}`"
             )
-        self.manifest: dict = _load_manifest(manifest_path)
+        self.manifest: dict = read_manifest(manifest_path, SHARD_FORMAT, SHARD_FORMAT_VERSION, _REQUIRED, _REBUILD_HINT)
         self.tokenizer_path = self.path / self.manifest["tokenizer"]
         if not self.tokenizer_path.is_file():
             raise DataError(f"tokenizer {self.tokenizer_path} listed in {manifest_path} is missing; {_REBUILD_HINT}")
@@ -236,24 +237,24 @@ class ShardSet:
         self._tars.close()
 
 
-def _load_manifest(manifest_path: Path) -> dict:
-    """Parses and checks a manifest's format, version and required fields."""
+def read_manifest(path: Path, format_name: str, version: int, required: tuple[str, ...], hint: str) -> dict:
+    """Parses a shard folder's manifest.json and checks its format, version and required fields.
+
+    Raises:
+        DataError: Naming the file and what is wrong with it, followed by `hint`.
+    """
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(f"{manifest_path} is not valid JSON ({error}); {_REBUILD_HINT}")
-    if not isinstance(manifest, dict) or manifest.get("format") != SHARD_FORMAT:
+        raise DataError(f"{path} is not valid JSON ({error}); {hint}")
+    if not isinstance(manifest, dict) or manifest.get("format") != format_name:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise DataError(f"{manifest_path} has format {found!r}, expected {SHARD_FORMAT!r}; {_REBUILD_HINT}")
-    if manifest.get("version") != SHARD_FORMAT_VERSION:
-        raise DataError(
-            f"{manifest_path} is version {manifest.get('version')!r}; this megatrain reads version "
-            f"{SHARD_FORMAT_VERSION}; {_REBUILD_HINT}"
-        )
-    required = ("tokenizer", "tokenizer_sha256", "vocab_size", "dtype", "block_size", "samples", "tokens", "shards")
+        raise DataError(f"{path} has format {found!r}, expected {format_name!r}; {hint}")
+    if manifest.get("version") != version:
+        raise DataError(f"{path} is version {manifest.get('version')!r}; this megatrain reads version {version}; {hint}")
     missing = [field for field in required if field not in manifest]
     if missing:
-        raise DataError(f"{manifest_path} lacks field(s) {', '.join(missing)}; {_REBUILD_HINT}")
+        raise DataError(f"{path} lacks field(s) {', '.join(missing)}; {hint}")
     return manifest
 
 

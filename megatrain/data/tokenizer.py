@@ -18,78 +18,6 @@ SEP_PIECE = "<sep>"
 """User-defined piece the trainer puts between question and answer."""
 
 
-class Tokenizer:
-    """Encodes and decodes text with a sentencepiece `.model` file.
-
-    Args:
-        model_path: The `.model` file, e.g. `SHARD_DIR/tokenizer.model`.
-
-    Raises:
-        DataError: The file is missing, not a sentencepiece model, or lacks the `<sep>` piece.
-    """
-
-    def __init__(self, model_path: str | Path):
-        self.model_path = Path(model_path)
-        if not self.model_path.is_file():
-            raise DataError(
-                f"tokenizer model {self.model_path} does not exist; train it with `megatrain-data deepmind shards`"
-            )
-        try:
-            self._processor = sentencepiece.SentencePieceProcessor(model_file=str(self.model_path))
-        except (RuntimeError, OSError) as error:
-            raise DataError(
-                f"tokenizer model {self.model_path} is not a valid sentencepiece model ({error}); retrain it"
-            )
-        sep_id = self._processor.piece_to_id(SEP_PIECE)
-        # piece_to_id answers unk for unknown pieces, so compare the piece back.
-        if self._processor.id_to_piece(sep_id) != SEP_PIECE:
-            raise DataError(
-                f"tokenizer model {self.model_path} has no {SEP_PIECE} piece; retrain it with megatrain-data"
-            )
-        self._sep_id = sep_id
-        self._special_ids = frozenset({self.pad_id, self.bos_id, self.eos_id, self.sep_id})
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of pieces in the model (ids are 0 .. vocab_size - 1)."""
-        return self._processor.vocab_size()
-
-    @property
-    def pad_id(self) -> int:
-        return self._processor.pad_id()
-
-    @property
-    def bos_id(self) -> int:
-        return self._processor.bos_id()
-
-    @property
-    def eos_id(self) -> int:
-        return self._processor.eos_id()
-
-    @property
-    def sep_id(self) -> int:
-        """Id of the `<sep>` piece between question and answer."""
-        return self._sep_id
-
-    def encode(self, text: str) -> list[int]:
-        """Returns the token ids of `text`, without bos/sep/eos."""
-        return self._processor.encode(text, out_type=int)
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Encodes many texts in one call (faster than a Python loop over `encode`)."""
-        return self._processor.encode(list(texts), out_type=int)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """Returns the text of `ids`, skipping pad/bos/eos/sep and ids outside the vocabulary.
-
-        Out-of-range ids are skipped rather than raised because a model's embedding is often
-        padded past the tokenizer's vocab size, and an untrained model may sample those rows.
-        """
-        vocab_size = self.vocab_size
-        kept = [int(i) for i in ids if 0 <= int(i) < vocab_size and int(i) not in self._special_ids]
-        return self._processor.decode(kept)
-
-
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 SENTENCEPIECE_FILE = "tokenizer.model"
 
@@ -149,6 +77,7 @@ class SentencePieceTextTokenizer(TextTokenizer):
             raise DataError(f"tokenizer {model_path} has no eos piece; documents need one to end with")
         self.eos_id = self._processor.eos_id()
         self.pad_id = self._processor.pad_id() if self._processor.pad_id() >= 0 else self.eos_id
+        self.model_path = model_path
         self.files = [model_path]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -156,6 +85,46 @@ class SentencePieceTextTokenizer(TextTokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._processor.decode([int(i) for i in ids])
+
+
+class Tokenizer(SentencePieceTextTokenizer):
+    """The sentencepiece model of the Q/A shards: a `SentencePieceTextTokenizer` with the `<sep>`
+    piece between question and answer, and a decode that drops every special id.
+
+    Args:
+        model_path: The `.model` file, e.g. `SHARD_DIR/tokenizer.model`.
+
+    Raises:
+        DataError: The file is missing, not a sentencepiece model, or lacks the `<sep>` piece.
+    """
+
+    def __init__(self, model_path: str | Path):
+        if not Path(model_path).is_file():
+            raise DataError(
+                f"tokenizer model {model_path} does not exist; train it with `megatrain-data deepmind shards`"
+            )
+        super().__init__(model_path)
+        sep_id = self._processor.piece_to_id(SEP_PIECE)
+        # piece_to_id answers unk for unknown pieces, so compare the piece back.
+        if self._processor.id_to_piece(sep_id) != SEP_PIECE:
+            raise DataError(
+                f"tokenizer model {self.model_path} has no {SEP_PIECE} piece; retrain it with megatrain-data"
+            )
+        self.sep_id = sep_id
+        self._special_ids = frozenset({self.pad_id, self.bos_id, self.eos_id, self.sep_id})
+
+    def encode(self, text: str) -> list[int]:
+        """Returns the token ids of `text`, without bos/sep/eos."""
+        return self._processor.encode(text, out_type=int)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Returns the text of `ids`, skipping pad/bos/eos/sep and ids outside the vocabulary.
+
+        Out-of-range ids are skipped rather than raised because a model's embedding is often
+        padded past the tokenizer's vocab size, and an untrained model may sample those rows.
+        """
+        kept = [int(i) for i in ids if 0 <= int(i) < self.vocab_size and int(i) not in self._special_ids]
+        return self._processor.decode(kept)
 
 
 class HFTextTokenizer(TextTokenizer):
