@@ -1,9 +1,11 @@
 # The two commands of the README: `make demo` (install + main job) and `make test` (install + tests).
 PYTHON ?= python3
-DATA := data/linear1d
-RUN_DIR := runs/linear1d-tiny
-DEMO_TRAIN := 150000
-DEMO_TEST := 1000
+DATA := data/math-mix
+RUN_DIR := runs/math-mix
+# The main job's DeepMind modules (configs/math-mix.yaml evaluates the same ones), and problems per module.
+MODULES := algebra__linear_1d,numbers__place_value,comparison__pair,numbers__round_number
+DEMO_TRAIN := 60000
+DEMO_TEST := 500
 
 .PHONY: install demo test clean-demo
 
@@ -15,17 +17,18 @@ install:
 	@$(PYTHON) -c "import torch; print('torch==' + torch.__version__)" > .cache/torch-constraint.txt
 	$(PYTHON) -m pip install -q -c .cache/torch-constraint.txt -e ".[dev]"
 
+# The released folder appears whole (written to a temp folder, then renamed), so one file marks it.
 $(DATA)/released/interpolate/algebra__linear_1d.txt:
-	megatrain-data deepmind generate --module algebra__linear_1d --train $(DEMO_TRAIN) --test $(DEMO_TEST) \
+	megatrain-data deepmind generate --module $(MODULES) --train $(DEMO_TRAIN) --test $(DEMO_TEST) \
 		--seed 1 --out $(DATA)/released
 
 $(DATA)/shards/manifest.json: $(DATA)/released/interpolate/algebra__linear_1d.txt
-	megatrain-data deepmind shards --released $(DATA)/released --module algebra__linear_1d --out $(DATA)/shards
+	megatrain-data deepmind shards --released $(DATA)/released --module $(MODULES) --out $(DATA)/shards
 
 # A finished or interrupted run continues from its last checkpoint instead of starting over.
 demo: install $(DATA)/shards/manifest.json
-	megatrain train configs/linear1d-tiny.yaml --nproc 2 --auto-resume
-	megatrain generate $(RUN_DIR) "Solve 24 = 1601*c - 1605*c for c."
+	megatrain train configs/math-mix.yaml --nproc 2 --auto-resume
+	megatrain generate $(RUN_DIR) "What is the hundreds digit of 31857?"
 
 test: install
 	$(PYTHON) -m pytest -q tests

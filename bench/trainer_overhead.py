@@ -189,7 +189,7 @@ def main(argv=None) -> float:
     loader = Batches(batches)
     plain = PlainTrainer(plain_model, cfg, batches, engine.device, args.plain_bf16)
 
-    sides = {"megatrain": lambda: train_step(engine, loader, 1)[0], "plain": plain.step}
+    sides = {"megatrain": lambda: train_step(engine, [next(loader)]).loss, "plain": plain.step}
     losses = {name: [] for name in sides}
     times = {name: [] for name in sides}
     for name, run_step in sides.items():

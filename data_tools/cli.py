@@ -50,7 +50,8 @@ def _build_parser() -> argparse.ArgumentParser:
     deepmind_commands = deepmind.add_subparsers(dest="deepmind_command", required=True, metavar="{generate,shards}")
 
     generate = deepmind_commands.add_parser("generate", help="generate problems in the released text format")
-    generate.add_argument("--module", required=True, help="e.g. algebra__linear_1d")
+    generate.add_argument("--module", required=True,
+                          help="e.g. algebra__linear_1d; several as a,b,c (counts are per module)")
     generate.add_argument("--train", required=True, type=int, help="problems over train-easy/medium/hard")
     generate.add_argument("--test", required=True, type=int, help="problems in interpolate")
     generate.add_argument("--out", required=True, type=Path, help="folder to create")
@@ -60,7 +61,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     shards = deepmind_commands.add_parser("shards", help="tokenize released files into Q/A shards")
     shards.add_argument("--released", required=True, type=Path, help="released-format folder")
-    shards.add_argument("--module", required=True, help="e.g. algebra__linear_1d")
+    shards.add_argument("--module", required=True,
+                        help="e.g. algebra__linear_1d; several as a,b,c (one shard set, loss reported per module)")
     shards.add_argument("--out", required=True, type=Path, help="shard folder to create")
     shards.add_argument(
         "--splits", default=",".join(TRAIN_SPLITS), help="comma-separated split folders, concatenated in order"
@@ -83,17 +85,19 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _run_generate(args: argparse.Namespace) -> None:
-    from data_tools.deepmind import generate_released
+    from data_tools.deepmind import generate_released, parse_modules
 
     start = time.perf_counter()
     generate_released(args.out, args.module, args.train, args.test, args.seed, workers=args.workers)
     seconds = time.perf_counter() - start
-    total = args.train + args.test
+    modules = parse_modules(args.module)
+    total = (args.train + args.test) * len(modules)
     rate = total / max(seconds, 1e-9)
-    print(f"wrote {total} problems of {args.module} to {args.out} in {seconds:.1f}s ({rate:.0f}/s)")
+    print(f"wrote {total} problems of {', '.join(modules)} to {args.out} in {seconds:.1f}s ({rate:.0f}/s)")
 
 
 def _run_shards(args: argparse.Namespace) -> None:
+    from data_tools.deepmind import parse_modules
     from data_tools.shards import DEFAULT_BLOCK_SIZE, DEFAULT_SAMPLES_PER_SHARD, build_qa_shards
     from data_tools.tokenizer import DEFAULT_VOCAB_SIZE, train_tokenizer
 
@@ -103,13 +107,19 @@ def _run_shards(args: argparse.Namespace) -> None:
     splits = [split.strip() for split in args.splits.split(",") if split.strip()]
     if not splits:
         raise DataError(f"--splits {args.splits!r} names no split; e.g. --splits {','.join(TRAIN_SPLITS)}")
-    pairs = read_split(args.released, args.module, splits)
+    modules = parse_modules(args.module)
+    if not modules:
+        raise DataError("--module names no module; e.g. --module algebra__linear_1d")
+    by_module = {module: read_split(args.released, module, splits) for module in modules}
+    pairs = by_module[modules[0]] if len(modules) == 1 else by_module
     source = {
         "released": str(args.released.resolve()),
         "module": args.module,
         "splits": splits,
         # Hashes pin the exact text the shards were built from.
-        "released_sha256": {split: file_sha256(args.released / split / f"{args.module}.txt") for split in splits},
+        "released_sha256": {f"{split}/{module}.txt" if len(modules) > 1 else split:
+                            file_sha256(args.released / split / f"{module}.txt")
+                            for module in modules for split in splits},
     }
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +128,7 @@ def _run_shards(args: argparse.Namespace) -> None:
         tokenizer_path = args.tokenizer
         if tokenizer_path is None:
             vocab_size = args.vocab_size or DEFAULT_VOCAB_SIZE
-            texts = [text for pair in pairs for text in pair]
+            texts = [text for module in modules for pair in by_module[module] for text in pair]
             tokenizer_path = train_tokenizer(texts, temp_dir / "trained" / "tokenizer", vocab_size=vocab_size)
         manifest = build_qa_shards(
             pairs,

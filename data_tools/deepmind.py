@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,9 +242,15 @@ def default_workers() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+def parse_modules(modules: str | Sequence[str]) -> list[str]:
+    """"a,b" or ["a", "b"] -> ["a", "b"], without duplicates, in the order given."""
+    names = modules.split(",") if isinstance(modules, str) else list(modules)
+    return list(dict.fromkeys(name.strip() for name in names if name.strip()))
+
+
 def generate_released(
     out_dir: str | Path,
-    module: str,
+    module: str | Sequence[str],
     train: int,
     test: int,
     seed: int,
@@ -252,13 +258,14 @@ def generate_released(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: bool = True,
 ) -> Path:
-    """Generates `train` + `test` problems of one module in the released v1.0 layout.
+    """Generates `train` + `test` problems of each module in the released v1.0 layout.
 
     Args:
         out_dir: Folder to create; must not exist. Written atomically (temp folder + rename).
-        module: Flattened module name, e.g. "algebra__linear_1d".
-        train: Problems split over train-easy/medium/hard (remainder to the first ones).
-        test: Problems in interpolate.
+        module: Flattened module name, e.g. "algebra__linear_1d"; or several ("a,b" or a list). A
+            module's files are the same whether it is generated alone or with others.
+        train: Problems per module, split over train-easy/medium/hard (remainder to the first ones).
+        test: Problems per module in interpolate.
         seed: Base seed; the same seed gives byte-identical files.
         workers: Generator processes (default min(2, cpu_count)); does not change the output.
         chunk_size: Problems per seeded chunk; changing it changes the output.
@@ -279,7 +286,12 @@ def generate_released(
             f"--train ({train}) and --test ({test}) must be >= 0, --workers ({workers}) and chunk size "
             f"({chunk_size}) >= 1; fix the generate arguments"
         )
-    _check_module(module)
+    modules = parse_modules(module)
+    if not modules:
+        raise DataError("no module named; pass --module NAME (or NAME,NAME,...)")
+    for name in modules:
+        _check_module(name)
+    module = ",".join(modules)
     if not _hash_seed_is_zero():
         _generate_in_subprocess(out_dir, module, train, test, seed, workers, chunk_size, progress)
     else:
@@ -321,27 +333,31 @@ def _generate_here(
     from tqdm import tqdm
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    chunks = _plan_chunks(module, train, test, seed, chunk_size)
+    modules = parse_modules(module)
+    chunks = [chunk for name in modules for chunk in _plan_chunks(name, train, test, seed, chunk_size)]
     temp_parent = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     # mkdtemp makes a private (0700) folder; the folder that gets renamed is made with the umask.
     temp_dir = temp_parent / out_dir.name
     try:
         for split in (*TRAIN_SPLITS, TEST_SPLIT):
             (temp_dir / split).mkdir(parents=True)
-        with tqdm(total=train + test, unit="problem", desc=f"{module}", disable=not progress) as bar:
+        desc = modules[0] if len(modules) == 1 else f"{len(modules)} modules"
+        with tqdm(total=(train + test) * len(modules), unit="problem", desc=desc, disable=not progress) as bar:
             files = {}
             try:
                 for chunk, text in zip(chunks, _run_chunks(chunks, workers)):
-                    if chunk.split not in files:
-                        files[chunk.split] = open(temp_dir / chunk.split / f"{module}.txt", "w", encoding="utf-8")
-                    files[chunk.split].write(text)
+                    key = (chunk.split, chunk.module)
+                    if key not in files:
+                        files[key] = open(temp_dir / chunk.split / f"{chunk.module}.txt", "w", encoding="utf-8")
+                    files[key].write(text)
                     bar.update(chunk.count)
             finally:
                 for file in files.values():
                     file.close()
         # A split with zero problems still gets its (empty) file, as the released layout has one.
         for split in (*TRAIN_SPLITS, TEST_SPLIT):
-            (temp_dir / split / f"{module}.txt").touch()
+            for name in modules:
+                (temp_dir / split / f"{name}.txt").touch()
         os.rename(temp_dir, out_dir)
     finally:
         shutil.rmtree(temp_parent, ignore_errors=True)

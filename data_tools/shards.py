@@ -41,7 +41,7 @@ _MEMBER_MODE = 0o644
 
 
 def build_qa_shards(
-    pairs: Sequence[tuple[str, str]],
+    pairs: Sequence[tuple[str, str]] | Mapping[str, Sequence[tuple[str, str]]],
     tokenizer_path: str | Path,
     out_dir: str | Path,
     samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
@@ -54,7 +54,9 @@ def build_qa_shards(
     temp file and os.replace, so a folder without it is an unfinished build.
 
     Args:
-        pairs: (question, answer) strings.
+        pairs: (question, answer) strings; or name -> pairs for several named subsets (e.g. one per
+            DeepMind module). Each subset gets shards of its own, named by their manifest entry's
+            `source`, so the trainer can report loss per subset.
         tokenizer_path: The sentencepiece `.model` to encode with; copied to out_dir.
         out_dir: Output folder; created if missing, must be empty if present.
         samples_per_shard: Samples per tar; a multiple of `block_size`.
@@ -68,8 +70,11 @@ def build_qa_shards(
         DataError: No pairs, bad sizes, a non-empty out_dir or an invalid tokenizer.
     """
     out_dir = Path(out_dir)
-    if not pairs:
-        raise DataError(f"no samples to write to {out_dir}; check the released module and --splits")
+    subsets = dict(pairs) if isinstance(pairs, Mapping) else {None: pairs}
+    empty = [name for name, subset in subsets.items() if not subset]
+    if not subsets or empty:
+        what = f" of {empty[0]}" if empty and empty[0] else ""
+        raise DataError(f"no samples{what} to write to {out_dir}; check the released module and --splits")
     if block_size < 1 or samples_per_shard < 1 or samples_per_shard % block_size:
         raise DataError(
             f"--samples-per-shard ({samples_per_shard}) must be a positive multiple of --block-size ({block_size})"
@@ -82,20 +87,21 @@ def build_qa_shards(
     shutil.copyfile(tokenizer_path, out_dir / TOKENIZER_NAME)
 
     shard_entries = []
-    for shard_index, shard_start in enumerate(range(0, len(pairs), samples_per_shard)):
-        shard_pairs = pairs[shard_start : shard_start + samples_per_shard]
-        first_block_index = shard_start // block_size
-        shard_path = out_dir / shard_file_name(shard_index)
-        tokens, blocks = _write_shard(shard_path, shard_pairs, tokenizer, dtype, block_size, first_block_index)
-        shard_entries.append(
-            {
+    next_block = 0
+    for name, subset in subsets.items():
+        for shard_start in range(0, len(subset), samples_per_shard):
+            shard_pairs = subset[shard_start : shard_start + samples_per_shard]
+            shard_path = out_dir / shard_file_name(len(shard_entries))
+            tokens, blocks = _write_shard(shard_path, shard_pairs, tokenizer, dtype, block_size, next_block)
+            next_block += blocks
+            entry = {
                 "path": shard_path.name,
                 "sha256": file_sha256(shard_path),
                 "samples": len(shard_pairs),
                 "tokens": tokens,
                 "blocks": blocks,
             }
-        )
+            shard_entries.append(entry if name is None else {**entry, "source": name})
 
     manifest = {
         "format": SHARD_FORMAT,
@@ -109,11 +115,13 @@ def build_qa_shards(
         "eos_id": tokenizer.eos_id,
         "sep_id": tokenizer.sep_id,
         "block_size": block_size,
-        "samples": len(pairs),
+        "samples": sum(len(subset) for subset in subsets.values()),
         "tokens": sum(entry["tokens"] for entry in shard_entries),
         "source": dict(source or {}),
         "shards": shard_entries,
     }
+    if None not in subsets:
+        manifest["sources"] = list(subsets)
     write_json_atomic(out_dir / MANIFEST_NAME, manifest)
     return manifest
 

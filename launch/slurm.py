@@ -195,6 +195,8 @@ def _check_same_config(cfg: Config, saved_path: Path) -> None:
     run_dir = saved_path.parent
     saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
     ours = _flatten(to_dict(cfg))
+    if ours.get("precision") == "auto":  # the folder records what auto chose; auto keeps it on resume
+        ours["precision"] = saved.get("precision")
     diffs = [f"{k}: folder {saved.get(k)!r}, config {v!r}" for k, v in ours.items()
              if not k.startswith(CONTINUABLE) and saved.get(k) != v]
     if diffs:

@@ -59,12 +59,17 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
-def check_compatible(ckpt_dir: Path, cfg: Config) -> None:
-    """Refuse, before touching the engine, a checkpoint whose parameter shapes differ from cfg.model."""
+def saved_config(ckpt_dir: Path) -> dict:
+    """The resolved config a checkpoint was written with, as a plain dict."""
     saved_path = ckpt_dir / "config.yaml"
     if not saved_path.is_file():
         raise CheckpointError(f"{saved_path} is missing; this folder was not written by megatrain")
-    saved = (yaml.safe_load(saved_path.read_text()) or {}).get("model", {})
+    return yaml.safe_load(saved_path.read_text()) or {}
+
+
+def check_compatible(ckpt_dir: Path, cfg: Config) -> None:
+    """Refuse, before touching the engine, a checkpoint whose parameter shapes differ from cfg.model."""
+    saved = saved_config(ckpt_dir).get("model", {})
     ours = vars(cfg.model)
     diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {ours[k]!r}" for k in SHAPE_FIELDS
              if saved.get(k) != ours[k]]
@@ -112,8 +117,9 @@ def export_hf(engine, out_dir: Path, world: World, tokenizer_path: Path) -> None
 class Checkpointer:
     """Owns the checkpoint schedule, the atomic save and the exact resume."""
 
-    def __init__(self, cfg: Config, world: World, tokenizer_path: Path):
+    def __init__(self, cfg: Config, world: World, tokenizer_path: Path, config_comment: str = ""):
         self.cfg, self.world, self.tokenizer_path = cfg, world, tokenizer_path
+        self.config_comment = config_comment  # e.g. why precision auto chose what the config records
         self.root = Path(cfg.run.dir) / "checkpoints"
 
     def due(self, step: int, last_step: int) -> bool:
@@ -132,7 +138,8 @@ class Checkpointer:
                                   "step_<N> folder or remove it to start over")
         return path
 
-    def save(self, step: int, engine, loader) -> Path:
+    def save(self, step: int, engine, data_state: dict) -> Path:
+        """Checkpoint the engine at `step`, with the data position `data_state` (loader.state_dict())."""
         tag = f"step_{step}"
         tmp, final = self.root / f".tmp-{tag}", self.root / tag
         if self.world.is_main:
@@ -140,12 +147,12 @@ class Checkpointer:
             for stale in self.root.glob(".tmp-*"):
                 shutil.rmtree(stale)  # left by a crash mid-save; never a complete checkpoint
         barrier()
-        trainer_state = {"step": step, "world_size": self.world.world_size, "data": loader.state_dict()}
+        trainer_state = {"step": step, "world_size": self.world.world_size, "data": data_state}
         engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=trainer_state, save_latest=False)
         torch.save(_rng_state(), tmp / f"rng_rank{self.world.rank}.pt")
         export_hf(engine, tmp / "hf", self.world, self.tokenizer_path)
         if self.world.is_main:
-            save_config(self.cfg, tmp / "config.yaml")
+            save_config(self.cfg, tmp / "config.yaml", self.config_comment)
             _atomic_write(tmp / "trainer.json", json.dumps(trainer_state, indent=2))
         barrier()  # every rank's files are in tmp before it becomes a checkpoint
         if self.world.is_main:

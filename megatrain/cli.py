@@ -31,8 +31,10 @@ def _train(args, overrides: list[str]) -> int:
                   "continue with --resume (or --auto-resume)", file=sys.stderr)
         return 128 + 15
     if int(os.environ.get("RANK", 0)) == 0 and summary.get("n"):
-        print(json.dumps({k: summary[k] for k in ("n", "exact_match", "numeric_match",
-                                                   "teacher_forced_exact_match")}))
+        from megatrain.evaluate import HEADLINE, format_report
+
+        print(format_report(summary))
+        print(json.dumps({"n": summary["n"], **{k: summary[k] for k in HEADLINE}}))
     return 0
 
 
@@ -54,9 +56,8 @@ def _load(checkpoint: str):
 
 def _eval(args, overrides: list[str]) -> int:
     from megatrain.config import apply_overrides
-    from megatrain.evaluate import evaluate
+    from megatrain.evaluate import evaluate, load_problems
     from megatrain.parallel.dims import World
-    from megatrain.train import load_problems
 
     cfg, model, tokenizer = _load(args.checkpoint)
     if overrides:  # e.g. --data.eval_released=... to score another folder

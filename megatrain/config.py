@@ -83,7 +83,9 @@ class DataConfig:
     it out (every rank alike) and counts it in the metrics as data/skipped_shards."""
     eval_released: str = "data/linear1d/released"
     """Released-format folder (DeepMind mathematics_dataset v1.0 layout) that eval reads."""
-    eval_module: str = "algebra__linear_1d"
+    eval_modules: list[str] = field(default_factory=lambda: ["algebra__linear_1d"])
+    """DeepMind modules that eval scores, each on its own (a table per module) and overall. On the
+    command line: --data.eval_modules=a,b."""
     eval_split: str = "interpolate"
     num_workers: int = 1
     """DataLoader worker processes per rank; 0 reads in the training process."""
@@ -165,6 +167,8 @@ class EvalConfig:
     final_limit: int = 1000
     batch_size: int = 64
     max_new_tokens: int = 24
+    examples: int = 3
+    """Held-out questions per module that the final eval prints beside the model's answers."""
 
 
 @dataclass
@@ -184,21 +188,30 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    precision: str = "fp32"
-    """fp32 | bf16 (DeepSpeed keeps fp32 master weights in bf16 mode)."""
+    precision: str = "auto"
+    """auto | fp32 | bf16. auto trains in bf16 where the device computes it natively (CUDA with bf16,
+    CPUs with avx512_bf16 or AMX) and fp32 elsewhere; a resumed run keeps its checkpoint's precision.
+    The run's config.yaml records what auto chose (DeepSpeed keeps fp32 master weights in bf16)."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self):
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision={self.precision!r}: use fp32 or bf16")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision={self.precision!r}: use auto, fp32 or bf16")
 
 
 # ----------------------------------------------------------------------------- parsing
 
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    """Check `value` against the annotation `tp`; ints are accepted for floats, "a,b" for a list of str."""
+    if typing.get_origin(tp) is list:
+        (item_type,) = typing.get_args(tp)
+        if isinstance(value, str) and item_type is str:
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}{where}")
+        return [_coerce(item, item_type, f"{key}[{i}]", where) for i, item in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -313,11 +326,16 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically: a reader never sees half a file)."""
+def save_config(cfg: Config, path: str | Path, comment: str = "") -> None:
+    """Write the resolved config as YAML (atomically: a reader never sees half a file).
+
+    Args:
+        comment: lines written above the values as YAML comments (e.g. why auto chose a precision).
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    header = "".join(f"# {line}\n" for line in comment.splitlines())
+    tmp.write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tmp.replace(path)
 
 

@@ -11,14 +11,20 @@ Three numbers per module and overall:
 
 from __future__ import annotations
 
+import json
 from fractions import Fraction
+from pathlib import Path
 
 import torch
 
+from megatrain.config import Config
 from megatrain.data.loader import collate, qa_example
+from megatrain.data.released import read_split
 from megatrain.data.tokenizer import Tokenizer
 from megatrain.parallel.dims import World, all_reduce_sum
 from megatrain.parallel.zero import gathered_params
+
+HEADLINE = ("exact_match", "numeric_match", "teacher_forced_exact_match")
 
 
 def normalize(answer: str) -> str:
@@ -89,17 +95,28 @@ def teacher_forced(model, tokenizer: Tokenizer, pairs: list[tuple[str, str]], ma
     return results
 
 
+def load_problems(cfg: Config, limit: int) -> list[tuple[str, str, str]]:
+    """(module, question, answer): the first `limit` problems of each of data.eval_modules."""
+    return [(module, q, a) for module in cfg.data.eval_modules
+            for q, a in read_split(cfg.data.eval_released, module, [cfg.data.eval_split])[:limit]]
+
+
 def evaluate(model, tokenizer: Tokenizer, problems: list[tuple[str, str, str]], world: World, batch_size: int,
-             max_new_tokens: int, max_seq_len: int) -> dict:
+             max_new_tokens: int, max_seq_len: int, examples: int = 0) -> dict:
     """Score (module, question, answer) problems; each rank takes a strided share, counts are summed.
 
     Every rank must call this (the final sum is a collective). Under ZeRO-3 the parameters are
     gathered for the duration so that ranks can generate different numbers of tokens.
+
+    Args:
+        examples: keep this many (question, answer, gold) per module from rank 0's share, as
+            result["examples"][module] (on rank 0 only).
     """
     was_training = model.training
     model.eval()
     counts: dict[str, list[float]] = {m: [0.0] * 4 for m in sorted({p[0] for p in problems})}
     mine = problems[world.rank::world.world_size]
+    shown: dict[str, list[dict]] = {m: [] for m in counts} if examples and world.is_main else {}
     with gathered_params(model):
         for i in range(0, len(mine), batch_size):
             chunk = mine[i: i + batch_size]
@@ -109,7 +126,63 @@ def evaluate(model, tokenizer: Tokenizer, problems: list[tuple[str, str, str]], 
                 exact, numeric = score(prediction, gold)
                 c = counts[module]
                 c[0] += 1; c[1] += exact; c[2] += numeric; c[3] += forced_ok  # noqa: E702
+            for (module, question, gold), prediction in zip(chunk, predictions):
+                if module in shown and len(shown[module]) < examples:
+                    shown[module].append({"question": question, "answer": prediction, "gold": gold})
     flat = all_reduce_sum([v for m in counts for v in counts[m]])
     counts = {m: flat[4 * i: 4 * i + 4] for i, m in enumerate(counts)}
     model.train(was_training)
-    return summarize(counts)
+    return {**summarize(counts), **({"examples": shown} if shown else {})}
+
+
+def format_report(summary: dict) -> str:
+    """Per-module table of the three metrics, then the kept examples beside their gold answers."""
+    rows = [(m, r) for m, r in summary["modules"].items()] + [("overall", summary)]
+    width = max(len(m) for m, _ in rows)
+    lines = [f"{'module':<{width}}  {'n':>5}  exact  numeric  teacher-forced"]
+    for module, r in rows:
+        lines.append(f"{module:<{width}}  {r['n']:>5}  {r['exact_match']:>5.1%}  {r['numeric_match']:>7.1%}  "
+                     f"{r['teacher_forced_exact_match']:>14.1%}")
+    for module, shown in summary.get("examples", {}).items():
+        lines.append(f"\n{module}:")
+        for e in shown:
+            mark = "ok" if normalize(e["answer"]) == normalize(e["gold"]) else "--"
+            lines.append(f"  [{mark}] {e['question']}\n       model: {e['answer']!r}   gold: {e['gold']!r}")
+    return "\n".join(lines)
+
+
+class Evaluator:
+    """Owns the eval schedule: `eval.limit` problems per module every `eval.interval` steps, and
+    `eval.final_limit` per module at the end (written to <run.dir>/eval.json with a few examples)."""
+
+    def __init__(self, cfg: Config, engine, world: World, tokenizer_path: Path):
+        self.cfg, self.engine, self.world = cfg, engine, world
+        self.tokenizer = Tokenizer(tokenizer_path) if cfg.eval.interval or cfg.eval.final_limit else None
+        self.problems = load_problems(cfg, cfg.eval.limit) if cfg.eval.interval else []
+
+    def run(self, problems: list[tuple[str, str, str]], examples: int = 0) -> dict:
+        e = self.cfg.eval
+        return evaluate(self.engine.module, self.tokenizer, problems, self.world, e.batch_size, e.max_new_tokens,
+                        self.cfg.model.max_seq_len, examples)
+
+    def maybe_run(self, step: int) -> dict | None:
+        """Metrics of an in-training eval when one is due at `step`, else None."""
+        if not self.cfg.eval.interval or step % self.cfg.eval.interval:
+            return None
+        result = self.run(self.problems)
+        out = {f"eval/{k}": result[k] for k in HEADLINE}
+        if len(result["modules"]) > 1:
+            out.update({f"eval/exact_match/{m}": r["exact_match"] for m, r in result["modules"].items()})
+        return out
+
+    def final(self, step: int) -> dict:
+        """The end-of-run eval; {} when eval.final_limit is 0."""
+        if not self.cfg.eval.final_limit:
+            return {}
+        summary = self.run(load_problems(self.cfg, self.cfg.eval.final_limit), self.cfg.eval.examples)
+        if self.world.is_main:
+            path = Path(self.cfg.run.dir) / "eval.json"
+            tmp = path.with_name(".eval.json.tmp")
+            tmp.write_text(json.dumps({"step": step, **summary}, indent=2))
+            tmp.replace(path)
+        return summary

@@ -28,16 +28,19 @@ class Metrics:
     """Collects per-step numbers on every rank and writes one line per `log.interval` steps on rank 0.
 
     Loss is averaged over ranks and over the steps since the last line; tokens/s counts the real
-    (unpadded) tokens of all ranks, so padding does not inflate it.
+    (unpadded) tokens of all ranks, so padding does not inflate it. With several data sources, each
+    line also has `loss/<source>`: that source's token-weighted loss over the same steps.
     """
 
     def __init__(self, run_dir: str, log_interval: int, world: World, total_steps: int, start_step: int,
                  flops_per_token: float, peak: float | None, tensorboard: bool, progress: bool,
-                 counters=None, restarts: int = 0):
+                 counters=None, restarts: int = 0, source_names: list[str] = ()):
         self.log_interval, self.world, self.restarts = log_interval, world, restarts
         self.counters = counters  # e.g. the loader's per-source token counts, added to every line
         self.flops_per_token, self.peak = flops_per_token, peak
+        self.source_names = list(source_names)
         self._loss_sum, self._tokens, self._steps = 0.0, 0.0, 0
+        self._source_sums = [0.0] * (2 * len(self.source_names))  # loss sums, then label tokens
         self._t0 = time.perf_counter()
         self.last: dict = {}
         self._jsonl = self._tb = self._bar = None
@@ -51,23 +54,32 @@ class Metrics:
                 from tqdm import tqdm
                 self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
-    def step(self, step: int, loss: float, tokens: int, lr: float, extra: dict | None = None) -> dict | None:
-        self._loss_sum += loss
-        self._tokens += tokens
+    def step(self, step: int, result, lr: float, extra: dict | None = None) -> dict | None:
+        """Count one optimizer step's StepResult; log a line every log.interval steps (or with `extra`)."""
+        self._loss_sum += result.loss
+        self._tokens += result.tokens
         self._steps += 1
+        if len(result.source_loss) == len(self.source_names):
+            for i, value in enumerate([*result.source_loss, *result.source_tokens]):
+                self._source_sums[i] += value
         if self._bar is not None:
             self._bar.update(1)
         if step % self.log_interval and not extra:
             return None
-        loss_sum, token_sum = all_reduce_sum([self._loss_sum, self._tokens])
+        loss_sum, token_sum, *source_sums = all_reduce_sum([self._loss_sum, self._tokens, *self._source_sums])
         elapsed = time.perf_counter() - self._t0
         record = {"step": step, "loss": loss_sum / (self._steps * self.world.world_size), "lr": lr,
                   "tokens_per_s": token_sum / elapsed, "restarts": self.restarts}
+        n = len(self.source_names)
+        if n > 1:
+            record.update({f"loss/{name}": source_sums[i] / source_sums[n + i]
+                           for i, name in enumerate(self.source_names) if source_sums[n + i]})
         if self.peak:
             record["mfu"] = self.flops_per_token * record["tokens_per_s"] / (self.peak * self.world.world_size)
         record.update(self.counters() if self.counters else {})
         record.update(extra or {})
         self._loss_sum, self._tokens, self._steps, self._t0 = 0.0, 0.0, 0, time.perf_counter()
+        self._source_sums = [0.0] * (2 * n)
         self.write(record)
         return record
 

@@ -2,15 +2,13 @@
 time-limit signal, sent by SLURM `--signal=USR2@<seconds>` before the limit).
 
 A signal reaches ranks at different moments, or only some of them, and a checkpoint needs every
-rank. So the handler only sets a flag; the trainer asks `requested()` once per step, which sums the
-flag over all ranks, and every rank sees the same answer at the same step.
+rank. So the handler only sets a flag; the trainer sums it over all ranks once per step
+(`train.stop_or_fail`), and every rank sees the same answer at the same step.
 """
 
 from __future__ import annotations
 
 import signal
-
-from megatrain.parallel.dims import all_reduce_sum
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
@@ -38,7 +36,3 @@ class StopRequest:
 
     def _handle(self, signum, _frame) -> None:
         self.signal_name = self.signal_name or signal.Signals(signum).name
-
-    def requested(self) -> bool:
-        """True on every rank once any rank has received a stop signal (a collective: call on all ranks)."""
-        return all_reduce_sum([1.0 if self.signal_name else 0.0])[0] > 0

@@ -2,31 +2,35 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from megatrain.checkpoint import Checkpointer, check_compatible, check_elastic
+from megatrain import precision
+from megatrain.checkpoint import Checkpointer, check_compatible, check_elastic, saved_config
 from megatrain.config import Config, gradient_accumulation_steps, save_config, validate
-from megatrain.data.loader import QALoader
+from megatrain.data.loader import IGNORE_INDEX, QALoader
 from megatrain.data.mix_loader import MixtureLoader, open_mixture
 from megatrain.data.packed import PackedDataset
-from megatrain.data.released import read_split
 from megatrain.data.shards import ShardSet
 from megatrain.data.tokenizer import Tokenizer
 from megatrain.errors import CheckpointError, DataError
-from megatrain.evaluate import evaluate
+from megatrain.evaluate import Evaluator
 from megatrain.metrics import Metrics, peak_flops
 from megatrain.model.llama import build_model, flops_per_token, num_params
 from megatrain.optim import build_optimizer, build_scheduler
 from megatrain.parallel.checkpointing import apply_ac
-from megatrain.parallel.dims import World, init_world, shutdown
+from megatrain.parallel.dims import World, all_reduce_sum, init_world, shutdown
 from megatrain.parallel.launcher_env import export_rank_env
 from megatrain.parallel.zero import wrap
+from megatrain.plots import save_loss_plot
 from megatrain.preemption import StopRequest
 
 
@@ -91,9 +95,27 @@ def verify_data(data: Data, world: World, on_bad_shard: str) -> tuple[Data, list
     return {n: PackedDataset(d.path, exclude={s for m, s, _, _ in bad if m == n}) for n, d in data.items()}, skipped
 
 
-def load_problems(cfg: Config, limit: int) -> list[tuple[str, str, str]]:
-    pairs = read_split(cfg.data.eval_released, cfg.data.eval_module, [cfg.data.eval_split])
-    return [(cfg.data.eval_module, q, a) for q, a in pairs[:limit]]
+def resolve_precision(cfg: Config, world: World, resume: bool) -> tuple[Config, str]:
+    """The config with `precision: auto` resolved (the same on every rank), and a line saying why.
+
+    Rank 0 prints the line first thing; it also heads the run's config.yaml as a comment.
+    """
+    latest = Path(cfg.run.dir) / "checkpoints" / "latest"
+    recorded = None
+    if resume and latest.is_file():
+        recorded = saved_config(latest.parent / latest.read_text().strip()).get("precision")
+    choice = precision.choose(cfg.precision, world.device_type, cfg.parallel.zero_stage, recorded)
+    all_native = all_reduce_sum([1.0 if choice.native_bf16 else 0.0])[0] == world.world_size
+    choice = precision.agree(choice, all_native)
+    note = f"precision: {choice.precision} ({choice.reason})"
+    cfg = dataclasses.replace(cfg, precision=choice.precision)
+    validate(cfg, world.world_size)  # e.g. bf16 kept from a checkpoint onto ZeRO-0
+    if world.is_main:
+        print(note, flush=True)
+        warning = precision.emulation_warning(choice, world.device_type)
+        if warning:
+            print(warning, flush=True)
+    return cfg, note
 
 
 def seed_everything(seed: int) -> None:
@@ -112,37 +134,97 @@ def model_ids(data: Data) -> tuple[Path, int, int, int | None, int]:
 
 
 def make_loader(cfg: Config, data: Data, world: World, accumulation: int, skipped: list[str]):
+    global_batch = cfg.train.micro_batch_size * world.world_size * accumulation
     if isinstance(data, ShardSet):
         return QALoader(data, cfg.run.seed, world.rank, world.world_size, cfg.train.micro_batch_size,
-                        cfg.model.max_seq_len, cfg.data.num_workers)
-    global_batch = cfg.train.micro_batch_size * world.world_size * accumulation
+                        cfg.model.max_seq_len, cfg.data.num_workers, global_batch)
     return MixtureLoader(data, {n: s.weight for n, s in cfg.data.sources.items()}, cfg.run.seed, world.rank,
                          world.world_size, cfg.train.micro_batch_size, global_batch, cfg.data.mixture_window,
                          cfg.data.attention_reset, cfg.data.num_workers, skipped)
 
 
-def train_step(engine, loader, accumulation: int) -> tuple[float, int]:
-    """One optimizer step over `accumulation` micro-batches; DeepSpeed steps on the last one."""
+@dataclass
+class StepResult:
+    """What one optimizer step reports to the metrics."""
+
+    loss: float
+    """Mean loss over the step's micro-batches (each the model's own mean over its label tokens)."""
+    tokens: int
+    """Real (unpadded) tokens this rank trained on."""
+    source_loss: list[float]
+    """Per data source (the loader's source_names): summed token loss and, below, label tokens."""
+    source_tokens: list[float]
+
+
+def fetch(loader, accumulation: int) -> tuple[list[dict], str | None]:
+    """The step's micro-batches, or (what was read, why not) when a DataLoader worker died."""
+    batches = []
+    try:
+        for _ in range(accumulation):
+            batches.append(next(loader))
+    except RuntimeError as e:  # torch's "DataLoader worker (pid N) is killed by signal: ..." / "exited unexpectedly"
+        if "DataLoader worker" not in str(e):
+            raise
+        return batches, str(e).splitlines()[0]
+    return batches, None
+
+
+@torch.no_grad()
+def loss_by_source(logits: torch.Tensor, labels: torch.Tensor, source: torch.Tensor,
+                   num_sources: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token loss and label-token count per source, from a batch's logits (B, T, V)."""
+    shifted = labels[:, 1:]  # position t predicts token t+1, as the model's own loss
+    token_loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted,
+                                                   ignore_index=IGNORE_INDEX, reduction="none")  # (B, T-1)
+    counted = (shifted != IGNORE_INDEX).float()
+    zeros = torch.zeros(num_sources, dtype=torch.float64)
+    return (zeros.index_add(0, source, (token_loss * counted).sum(1).double().cpu()),
+            zeros.index_add(0, source, counted.sum(1).double().cpu()))
+
+
+def train_step(engine, batches: list[dict], num_sources: int = 1) -> StepResult:
+    """One optimizer step over the micro-batches given; DeepSpeed steps on the last one."""
     loss_sum, tokens = 0.0, 0
-    for _ in range(accumulation):
-        batch = next(loader)
+    source_loss = torch.zeros(num_sources, dtype=torch.float64)
+    source_tokens = torch.zeros(num_sources, dtype=torch.float64)
+    for batch in batches:
         real = batch.pop("real_tokens") if "real_tokens" in batch else batch["attention_mask"].sum()
+        source = batch.pop("source", None)
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         # No KV cache in training: it costs memory, and with one transformers ignores the position
         # ids that reset attention at document boundaries (find_packed_sequence_indices).
-        loss = engine(**batch, use_cache=False).loss
-        engine.backward(loss)
+        out = engine(**batch, use_cache=False)
+        engine.backward(out.loss)
         engine.step()
-        loss_sum += loss.item()
+        loss_sum += out.loss.item()
         tokens += int(real.sum())
-    return loss_sum / accumulation, tokens
+        if source is not None:
+            parts = loss_by_source(out.logits.detach(), batch["labels"], source, num_sources)
+            source_loss += parts[0]
+            source_tokens += parts[1]
+    return StepResult(loss_sum / len(batches), tokens, source_loss.tolist(), source_tokens.tolist())
+
+
+def stop_or_fail(stop: StopRequest, data_error: str | None, world: World) -> tuple[bool, str | None]:
+    """One collective per step: (any rank asked to stop, the first rank's DataLoader failure)."""
+    stop_votes, failures = all_reduce_sum([1.0 if stop.signal_name else 0.0, 1.0 if data_error else 0.0])
+    if not failures:
+        return stop_votes > 0, None
+    errors = [data_error]
+    if world.world_size > 1:
+        errors = [None] * world.world_size
+        torch.distributed.all_gather_object(errors, data_error)
+    rank = next(r for r, e in enumerate(errors) if e)
+    return True, f"rank {rank}: {errors[rank]}"
 
 
 def train(cfg: Config, resume: bool = False, stop: StopRequest | None = None) -> dict:
     """Train cfg.train.steps optimizer steps (continuing a checkpoint with resume) and evaluate.
 
     SIGTERM or SIGUSR2 (the scheduler's preemption / time-limit warning) stops every rank at the
-    next step boundary with a checkpoint there; a `--resume` continues from it.
+    next step boundary with a checkpoint there; a `--resume` continues from it. A DataLoader worker
+    that dies (DataLoader workers ignore those signals, see data/loader.py) does the same, then
+    raises DataError naming the rank.
 
     Args:
         stop: the stop flag to watch; None installs one for the duration of this call.
@@ -156,6 +238,7 @@ def train(cfg: Config, resume: bool = False, stop: StopRequest | None = None) ->
             return train(cfg, resume, stop)
     data = preflight(cfg, export_rank_env(), resume)
     world = init_world()
+    cfg, precision_note = resolve_precision(cfg, world, resume)
     skipped = []
     if cfg.data.verify:
         data, skipped = verify_data(data, world, cfg.data.on_bad_shard)
@@ -163,13 +246,13 @@ def train(cfg: Config, resume: bool = False, stop: StopRequest | None = None) ->
     tokenizer_path, vocab_size, pad_id, bos_id, eos_id = model_ids(data)
     if world.is_main:
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(cfg.run.dir) / "config.yaml")
+        save_config(cfg, Path(cfg.run.dir) / "config.yaml", precision_note)
         (Path(cfg.run.dir) / "DONE").unlink(missing_ok=True)  # continued past its old end: not done any more
 
     model = build_model(cfg.model, vocab_size, pad_id, bos_id, eos_id, world.device_type)
     apply_ac(model, cfg.parallel.activation_checkpointing)
     optimizer = build_optimizer(model, cfg)
-    checkpointer = Checkpointer(cfg, world, tokenizer_path)
+    checkpointer = Checkpointer(cfg, world, tokenizer_path, precision_note)
     universal = resume and checkpointer.prepare_resume()  # resuming on another number of ranks
     engine = wrap(model, optimizer, build_scheduler(optimizer, cfg), cfg, world.world_size, universal)
     accumulation = gradient_accumulation_steps(cfg, world.world_size)
@@ -179,39 +262,40 @@ def train(cfg: Config, resume: bool = False, stop: StopRequest | None = None) ->
     metrics = Metrics(cfg.run.dir, cfg.log.interval, world, cfg.train.steps, start,
                       flops_per_token(cfg.model, num_params(model), cfg.model.max_seq_len),
                       peak_flops(world.device_type, cfg.precision), cfg.log.tensorboard, cfg.log.progress,
-                      counters=loader.metrics,
+                      counters=loader.metrics, source_names=loader.source_names,
                       restarts=int(os.environ.get("SLURM_RESTART_COUNT", 0)))  # SLURM's count of requeues
-    eval_problems = load_problems(cfg, cfg.eval.limit) if cfg.eval.interval else []
-
-    eval_tokenizer = Tokenizer(tokenizer_path) if cfg.eval.interval or cfg.eval.final_limit else None
-
-    def run_eval(problems):
-        return evaluate(engine.module, eval_tokenizer, problems, world, cfg.eval.batch_size,
-                        cfg.eval.max_new_tokens, cfg.model.max_seq_len)
+    evaluator = Evaluator(cfg, engine, world, tokenizer_path)
 
     last = cfg.train.steps if not cfg.train.exit_interval else min(cfg.train.steps, start + cfg.train.exit_interval)
-    for step in range(start + 1, last + 1):
-        loss, tokens = train_step(engine, loader, accumulation)
-        extra = None
-        if cfg.eval.interval and step % cfg.eval.interval == 0:
-            result = run_eval(eval_problems)
-            extra = {f"eval/{k}": result[k] for k in ("exact_match", "numeric_match", "teacher_forced_exact_match")}
-        metrics.step(step, loss, tokens, engine.get_lr()[0], extra)
-        stopping = stop.requested()
-        if checkpointer.due(step, last) or stopping:
-            checkpointer.save(step, engine, loader)
-        if stopping:
-            metrics.close()
-            shutdown()
-            return {"stopped_at": step, "signal": stop.signal_name or "a signal on another rank"}
+    saved = start
+    try:
+        for step in range(start + 1, last + 1):
+            position = copy.deepcopy(loader.state_dict())  # where the data stands after step - 1
+            batches, data_error = fetch(loader, accumulation)
+            stopping, failure = stop_or_fail(stop, data_error, world)
+            if stopping:  # a checkpoint at the boundary before this step, unless one is there
+                if step - 1 > saved:
+                    checkpointer.save(step - 1, engine, position)
+                if failure:
+                    raise DataError(f"a DataLoader worker died ({failure}); the run saved a checkpoint at step "
+                                    f"{step - 1}: continue with --resume (or --auto-resume)")
+                metrics.close()
+                shutdown()
+                return {"stopped_at": step - 1, "signal": stop.signal_name or "a signal on another rank"}
+            result = train_step(engine, batches, len(loader.source_names))
+            metrics.step(step, result, engine.get_lr()[0], evaluator.maybe_run(step))
+            if checkpointer.due(step, last):
+                checkpointer.save(step, engine, loader.state_dict())
+                saved = step
+    finally:
+        loader.close()  # workers ignore SIGTERM, so they are stopped here, not by a signal
     metrics.close()
     summary = {}
     # After an exit_interval stop the final eval belongs to the run's real end, not here.
-    if last == cfg.train.steps and cfg.eval.final_limit:
-        summary = run_eval(load_problems(cfg, cfg.eval.final_limit))
+    if last == cfg.train.steps:
+        summary = evaluator.final(last)
         if world.is_main:
-            (Path(cfg.run.dir) / "eval.json").write_text(json.dumps({"step": last, **summary}, indent=2))
-    if last == cfg.train.steps and world.is_main:
-        (Path(cfg.run.dir) / "DONE").write_text(json.dumps({"step": last}) + "\n")
+            save_loss_plot(Path(cfg.run.dir))
+            (Path(cfg.run.dir) / "DONE").write_text(json.dumps({"step": last}) + "\n")
     shutdown()
     return summary

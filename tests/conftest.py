@@ -54,10 +54,10 @@ def run_megatrain(*args: str, timeout: float = 300, **popen) -> subprocess.Compl
 @pytest.fixture(scope="session")
 def train_smoke(dm_data, deepspeed_ops):
     """Train configs/cpu-smoke.yaml on the test data with 2 local ranks; returns the run folder."""
-    def train(run_dir: Path, *overrides: str, nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+    def train(run_dir: Path, *overrides: str, nproc: int = 2, check: bool = True, **popen) -> subprocess.CompletedProcess:
         result = run_megatrain("train", SMOKE, "--nproc", nproc, f"--run.dir={run_dir}",
                                f"--data.shards={dm_data['shards']}", f"--data.eval_released={dm_data['released']}",
-                               *overrides)
+                               *overrides, **popen)
         if check:
             assert result.returncode == 0, result.stderr[-3000:]
         return result

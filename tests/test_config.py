@@ -48,7 +48,7 @@ def test_unknown_section_and_cli_key():
 @pytest.mark.parametrize("override, message", [
     ("--train.steps=ten", r"train\.steps: expected int, got str"),
     ("--train.steps=true", r"train\.steps: expected int, got bool"),
-    ("--precision=fp16", "use fp32 or bf16"),
+    ("--precision=fp16", "use auto, fp32 or bf16"),
     ("--optim.schedule=step", "optim.schedule"),
     ("--log.progress=3", r"log\.progress: expected bool"),
 ])

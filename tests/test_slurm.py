@@ -142,6 +142,34 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, dm_data, tmp
     assert records(run)[-1]["loss"] < records(run)[0]["loss"]
 
 
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_sigterm_with_dataloader_workers_requeues_and_resumes(slurm_cluster, dm_data, tmp_path, deepspeed_ops,
+                                                               num_workers):
+    """`scancel --signal=TERM`: SLURM signals every process of the step, DataLoader workers included
+    (as on preemption, a node drain or the hard limit). The workers must outlive it, the ranks
+    checkpoint at the step boundary, and the job requeues and finishes."""
+    run = tmp_path / "run"
+    interval = 50
+    result = submit(run, dm_data, "--tasks-per-node", "2", "--train.steps=300", f"--checkpoint.interval={interval}",
+                    f"--data.num_workers={num_workers}", "--eval.final_limit=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = job_id(run)
+    wait_for(lambda: steps_logged(run) >= 3, 120, "the first steps", poll=0.2)
+    subprocess.run(["scancel", "--signal=TERM", job], check=True, capture_output=True)
+    final = wait_done(run, timeout=300)
+    history = sacct_history(job)
+    assert "REQUEUED" in history and history[-1] == "COMPLETED" and "FAILED" not in history, history
+    assert final["step"] == 300 and final["restarts"] == 1
+    steps = [(r["step"], r["restarts"]) for r in records(run)]
+    before = [s for s, restarts in steps if restarts == 0]
+    after = [s for s, restarts in steps if restarts == 1]
+    repeated = before[-1] - (after[0] - 1)
+    assert 0 <= repeated <= interval, steps
+    assert after == list(range(after[0], 301))
+    log = (run / "slurm" / f"{job}_0_log.err").read_text() + (run / "slurm" / f"{job}_1_log.err").read_text()
+    assert "DataLoader worker" not in log
+
+
 def test_time_limit_requeues_and_resumes(slurm_cluster, dm_data, tmp_path, deepspeed_ops):
     # --time 1 with the warning 40 s before it: SLURM sends USR2 ~15-20 s into the job. 1,000 steps
     # take ~60 s on an idle 2-core machine (16 steps/s), so the signal comes first with a 3x margin

@@ -7,15 +7,19 @@ consumed by optimizer steps, not what workers prefetched, so a resume is exact.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections import OrderedDict
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from megatrain.data.mixture import Mixture, Stage, quotas, source_seed
 from megatrain.data.order import SampleOrder, micro_batch_indices, worker_micro_steps
 from megatrain.data.shards import ShardSet
-from megatrain.errors import CheckpointError
+from megatrain.errors import CheckpointError, ConfigError, DataError
 
 IGNORE_INDEX = -100  # labels that take no loss (question, separator, padding)
 
@@ -33,8 +37,11 @@ def qa_example(question: np.ndarray, answer: np.ndarray, ids: dict, max_seq_len:
     return tokens, len(question) + 2
 
 
-def collate(examples: list[tuple[list, int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; labels only on the answer and its <eos>."""
+def collate(examples: list[tuple[list, int]], pad_id: int, sources: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; labels only on the answer and its <eos>.
+
+    `sources` (each example's subset index) comes back as `source` (B,) for per-subset loss.
+    """
     width = max(len(t) for t, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -44,7 +51,10 @@ def collate(examples: list[tuple[list, int]], pad_id: int) -> dict[str, torch.Te
         input_ids[row, : len(t)] = t
         labels[row, answer_start: len(t)] = t[answer_start:]
         attention_mask[row, : len(t)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if sources is not None:
+        batch["source"] = torch.tensor(sources, dtype=torch.long)
+    return batch
 
 
 class MicroBatchStream(IterableDataset):
@@ -66,19 +76,97 @@ class MicroBatchStream(IterableDataset):
             yield self.micro_batch(micro_step)
 
 
+SCHEDULER_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+
+
+def ignore_scheduler_signals(_worker_id: int) -> None:
+    """DataLoader worker init: outlive the scheduler's signals, but not the trainer's.
+
+    On preemption, a time limit or a node drain, SLURM signals every process of the job step,
+    workers included; torch's worker handler dies of a SIGTERM that does not come from its parent,
+    and the rank would then fail mid-step instead of checkpointing at the step boundary. So the
+    signals are blocked here and taken by a thread that reads who sent each (sigwaitinfo): one from
+    the trainer (its DataLoader shutting workers down) or one arriving after the trainer is gone
+    ends the worker, as torch's handler would; any other is left to the trainer, which got it too,
+    stops at the step boundary and then stops its workers itself.
+    """
+    trainer = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, SCHEDULER_SIGNALS)  # threads started later inherit it
+
+    def watch() -> None:
+        while True:
+            info = signal.sigwaitinfo(SCHEDULER_SIGNALS)
+            if info.si_pid == trainer or os.getppid() != trainer:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="scheduler-signals", daemon=True).start()
+
+
 def iterate(stream: MicroBatchStream, num_workers: int):
-    """The stream's batches through a DataLoader: whole batches built in `num_workers` processes."""
-    return iter(DataLoader(stream, batch_size=None, num_workers=num_workers,
-                           prefetch_factor=4 if num_workers else None))
+    """The stream's batches through a DataLoader: whole batches built in `num_workers` processes.
+
+    A worker that dies shows as a RuntimeError from `next()` ("DataLoader worker (pid(s) N) exited
+    unexpectedly", within 5 s of the batch it owed), where the trainer can still checkpoint with
+    every rank. torch's own SIGCHLD handler would raise it wherever this process happens to be,
+    usually inside a collective that the other ranks then wait in forever; it is switched off.
+    """
+    batches = iter(DataLoader(stream, batch_size=None, num_workers=num_workers,
+                              prefetch_factor=4 if num_workers else None,
+                              worker_init_fn=ignore_scheduler_signals if num_workers else None))
+    if num_workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    return batches
+
+
+class QAOrder:
+    """Global sample index -> (block, sample inside the block) of a Q/A shard set; pure and picklable.
+
+    A set of one subset is read in its `SampleOrder` (a shuffled block order: a global batch comes
+    from one or two blocks). A set of several subsets (one per DeepMind module, each in shards of its
+    own) is a stratified `Mixture` of them, weighted by their sizes, with a window of one global batch:
+    every optimizer step holds each module in proportion. A plain block order would fill each step
+    from one module.
+    """
+
+    def __init__(self, shards: ShardSet, seed: int, window_samples: int):
+        lengths = np.asarray(shards.block_lengths)
+        self.window_samples = window_samples
+        if len(shards.source_names) == 1:
+            self.mixture, self.block_ids, self.orders = None, [np.arange(len(lengths))], [SampleOrder(lengths, seed)]
+            return
+        source = np.asarray(shards.block_source)
+        by_name = {name: np.flatnonzero(source == i) for i, name in enumerate(shards.source_names)}
+        sizes = {name: int(lengths[blocks].sum()) for name, blocks in by_name.items()}
+        try:
+            share = quotas(sizes, window_samples)
+        except ConfigError:
+            raise DataError(f"{shards.path}: a global batch of {window_samples} samples has no room for every one "
+                            f"of its {len(sizes)} subsets in proportion to their sizes {sizes}; raise "
+                            "train.global_batch_size or rebuild with fewer or more even modules") from None
+        self.mixture = Mixture(Stage(0, window_samples, share, {}), seed)
+        self.block_ids = [by_name[name] for name in self.mixture.names]
+        self.orders = [SampleOrder(lengths[by_name[name]], source_seed(seed, name)) for name in self.mixture.names]
+
+    def locate_many(self, global_indices) -> tuple[np.ndarray, np.ndarray]:
+        """(global block index, sample inside the block), both int64 arrays."""
+        if self.mixture is None:
+            return self.orders[0].locate_many(global_indices)
+        sources, source_indices = self.mixture.locate(global_indices)
+        blocks, inner = np.empty_like(sources), np.empty_like(sources)
+        for s in np.unique(sources):
+            here = sources == s
+            local, inner[here] = self.orders[s].locate_many(source_indices[here])
+            blocks[here] = self.block_ids[s][local]
+        return blocks, inner
 
 
 class QAStream(MicroBatchStream):
     """An endless stream of one rank's micro-batches, starting at a given micro-step."""
 
     def __init__(self, shards: ShardSet, seed: int, rank: int, dp_size: int, micro_batch_size: int,
-                 max_seq_len: int, start_micro_step: int = 0):
+                 max_seq_len: int, start_micro_step: int = 0, global_batch_size: int = 0):
         self.shards = shards
-        self.order = SampleOrder(shards.block_lengths, seed)
+        self.order = QAOrder(shards, seed, global_batch_size or dp_size * micro_batch_size)
         self.rank, self.dp_size, self.micro_batch_size = rank, dp_size, micro_batch_size
         self.max_seq_len = max_seq_len
         self.start_micro_step = start_micro_step
@@ -87,29 +175,32 @@ class QAStream(MicroBatchStream):
         self._blocks: OrderedDict[int, list] = OrderedDict()
 
     def _block(self, index: int) -> list:
-        # Consecutive global indices fall in the same block, so a handful of blocks is enough cache.
+        # Consecutive indices of a subset fall in the same block, so a few blocks per subset suffice.
         if index not in self._blocks:
             self._blocks[index] = self.shards.read_block(index)
-            if len(self._blocks) > 4:
+            if len(self._blocks) > 4 * len(self.shards.source_names):
                 self._blocks.popitem(last=False)
         return self._blocks[index]
 
     def micro_batch(self, micro_step: int) -> dict[str, torch.Tensor]:
+        indices = micro_batch_indices(micro_step, self.rank, self.dp_size, self.micro_batch_size)
+        blocks, inner = self.order.locate_many(np.asarray(indices))
         examples = []
-        for g in micro_batch_indices(micro_step, self.rank, self.dp_size, self.micro_batch_size):
-            block, inner = self.order.locate(g)
-            question, answer = self._block(block)[inner]
+        for block, i in zip(blocks.tolist(), inner.tolist()):
+            question, answer = self._block(block)[i]
             examples.append(qa_example(question, answer, self.ids, self.max_seq_len))
-        return collate(examples, self.ids["pad"])
+        return collate(examples, self.ids["pad"], [self.shards.block_source[b] for b in blocks.tolist()])
 
 
 class QALoader:
     """Iterator over micro-batches that knows its exact position for checkpoints."""
 
     def __init__(self, shards: ShardSet, seed: int, rank: int, dp_size: int, micro_batch_size: int,
-                 max_seq_len: int, num_workers: int):
+                 max_seq_len: int, num_workers: int, global_batch_size: int = 0):
         self._args = (shards, seed, rank, dp_size, micro_batch_size, max_seq_len)
+        self.global_batch_size = global_batch_size or dp_size * micro_batch_size
         self.num_workers = num_workers
+        self.source_names = shards.source_names  # batches carry `source`, an index into these
         self.micro_step = 0
         self._iter = None
 
@@ -119,17 +210,26 @@ class QALoader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iter is None:
-            self._iter = iterate(QAStream(*self._args, start_micro_step=self.micro_step), self.num_workers)
+            stream = QAStream(*self._args, start_micro_step=self.micro_step, global_batch_size=self.global_batch_size)
+            self._iter = iterate(stream, self.num_workers)
+        batch = next(self._iter)
         self.micro_step += 1
-        return next(self._iter)
+        return batch
+
+    def close(self) -> None:
+        """Stop the DataLoader workers (they ignore the scheduler's signals); the next batch restarts them."""
+        self._iter = None
 
     def metrics(self) -> dict:
         """Nothing per source to report: one dataset."""
         return {}
 
     def state_dict(self) -> dict:
-        return {"consumed_samples": self.micro_step * self.samples_per_micro_step, "seed": self._args[1],
-                "num_samples": self._args[0].num_samples}
+        state = {"consumed_samples": self.micro_step * self.samples_per_micro_step, "seed": self._args[1],
+                 "num_samples": self._args[0].num_samples}
+        if len(self.source_names) > 1:  # the order is stratified per global batch (QAOrder)
+            state["global_batch_size"] = self.global_batch_size
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         consumed = int(state["consumed_samples"])
@@ -138,6 +238,11 @@ class QALoader:
                 f"the checkpoint's data position was for seed {state.get('seed')} over {state.get('num_samples')} "
                 f"samples, this run has seed {self._args[1]} over {self._args[0].num_samples}; resume with the "
                 "same run.seed and data.shards, or start a new run.dir")
+        if len(self.source_names) > 1 and state.get("global_batch_size") != self.global_batch_size:
+            raise CheckpointError(
+                f"the checkpoint's data order mixed {len(self.source_names)} modules per global batch of "
+                f"{state.get('global_batch_size')} samples, this run's global batch is {self.global_batch_size}; "
+                "resume with the same train.global_batch_size")
         if consumed % self.samples_per_micro_step:
             raise CheckpointError(
                 f"the checkpoint consumed {consumed} samples, not a whole number of this run's micro-steps of "

@@ -136,7 +136,7 @@ class PackedStream(MicroBatchStream):
             seq_len = tokens.shape[1]
             first, last = np.searchsorted(docs, [r * seq_len, (r + 1) * seq_len])
             samples.append((tokens[r], n, docs[first:last] - r * seq_len))
-        return packed_batch(samples, self.attention_reset)
+        return {**packed_batch(samples, self.attention_reset), "source": torch.as_tensor(sources, dtype=torch.long)}
 
 
 class MixtureLoader:
@@ -171,6 +171,11 @@ class MixtureLoader:
         self._iter = None
 
     @property
+    def source_names(self) -> list[str]:
+        """What a batch's `source` indexes (a resume with new weights may add a source)."""
+        return self._sampler.names
+
+    @property
     def samples_per_micro_step(self) -> int:
         return self.dp_size * self.micro_batch_size
 
@@ -188,6 +193,10 @@ class MixtureLoader:
         if self.consumed_samples % self.global_batch_size == 0:
             self._count(self.consumed_samples - self.global_batch_size, self.consumed_samples)
         return batch
+
+    def close(self) -> None:
+        """Stop the DataLoader workers (they ignore the scheduler's signals); the next batch restarts them."""
+        self._iter = None
 
     def _count(self, start: int, end: int) -> None:
         sources, blocks, rows = self._sampler.locate(np.arange(start, end))

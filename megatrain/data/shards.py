@@ -165,6 +165,16 @@ class ShardSet:
         self.dtype = np.dtype(self.manifest["dtype"])
         self.block_lengths, self._block_shard = _block_layout(self.manifest)
         self.num_blocks = len(self.block_lengths)
+        # Named subsets (one per DeepMind module): each shard holds one, so a block's is its shard's.
+        # A set written before subsets existed is one subset, named by its module.
+        self.source_names: list[str] = self.manifest.get("sources") or [
+            str(self.manifest.get("source", {}).get("module") or self.path.name)]
+        named = [shard.get("source", self.source_names[0]) for shard in self.manifest["shards"]]
+        if not set(named) <= set(self.source_names):
+            raise DataError(f"{manifest_path}: shard source(s) {sorted(set(named) - set(self.source_names))} are not "
+                            f"among its sources {self.source_names}; {_REBUILD_HINT}")
+        shard_sources = [self.source_names.index(name) for name in named]
+        self.block_source = [shard_sources[shard] for shard in self._block_shard]
         if sum(self.block_lengths) != self.num_samples:
             raise DataError(
                 f"{manifest_path}: shard sample counts do not add up to samples={self.num_samples}; {_REBUILD_HINT}"

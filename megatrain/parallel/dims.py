@@ -7,6 +7,8 @@ environment. A plain `python -m megatrain ...` with none of them set is a world 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 import warnings
@@ -59,7 +61,10 @@ def init_world() -> World:
     if dev == "cuda":
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if dev == "cuda" else "gloo", verbose=False)
+        # DeepSpeed prints "DeepSpeed ...shm_comm_op built successfully" here on every rank; the run's
+        # first line is megatrain's own (which precision, and why).
+        with contextlib.redirect_stdout(io.StringIO()):
+            deepspeed.init_distributed(dist_backend="nccl" if dev == "cuda" else "gloo", verbose=False)
     return World(rank=torch.distributed.get_rank(), local_rank=local_rank,
                  world_size=torch.distributed.get_world_size(), device_type=dev)
 
