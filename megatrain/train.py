@@ -276,9 +276,11 @@ def train(cfg: Config, resume: bool = False, stop: StopRequest | None = None) ->
             if stopping:  # a checkpoint at the boundary before this step, unless one is there
                 if step - 1 > saved:
                     checkpointer.save(step - 1, engine, position)
+                    saved = step - 1
                 if failure:
-                    raise DataError(f"a DataLoader worker died ({failure}); the run saved a checkpoint at step "
-                                    f"{step - 1}: continue with --resume (or --auto-resume)")
+                    where = (f"the run saved a checkpoint at step {step - 1}: continue with --resume (or "
+                             "--auto-resume)") if saved else "no step had finished: start the run again"
+                    raise DataError(f"a DataLoader worker died ({failure}); {where}")
                 metrics.close()
                 shutdown()
                 return {"stopped_at": step - 1, "signal": stop.signal_name or "a signal on another rank"}
