@@ -30,9 +30,8 @@ import yaml
 
 from megatrain.config import Config, load_config, to_dict
 from megatrain.errors import ConfigError, MegatrainError
+from megatrain.run_dir import RunDir
 
-RECORD = "slurm.json"
-"""Per run folder: the SLURM jobs submitted for it, with their log paths (read by `megatrain status`)."""
 
 # Config keys a continued run may change: how long it trains and what it logs, not what it trains.
 # Mixture weights may change too: that starts a next data stage (the loader checks each dataset).
@@ -106,7 +105,7 @@ class SlurmTrain(submitit.helpers.Checkpointable):
             from megatrain.train import train
 
             cfg = load_config(self.config, self.overrides)
-            resume = (Path(cfg.run.dir) / "checkpoints" / "latest").is_file()
+            resume = RunDir(cfg.run.dir).has_checkpoint()
             print(f"megatrain from {Path(megatrain.__file__).parent}: rank {dist.rank} of {dist.world_size}, "
                   f"master {dist.master_addr}:{dist.master_port}, restart "
                   f"{os.environ.get('SLURM_RESTART_COUNT', 0)}, {'resuming' if resume else 'starting'}", flush=True)
@@ -181,13 +180,11 @@ def check_run_folder(cfg: Config) -> None:
 
     The same config (up to CONTINUABLE keys) continues the run from its latest checkpoint.
     """
-    run_dir = Path(cfg.run.dir)
-    saved_path = run_dir / "config.yaml"
-    if saved_path.is_file():
-        _check_same_config(cfg, saved_path)
-    done = run_dir / "DONE"
-    if done.is_file() and json.loads(done.read_text() or "{}").get("step", 0) >= cfg.train.steps:
-        raise ConfigError(f"{run_dir} holds a finished run (DONE at step {cfg.train.steps}); raise train.steps to "
+    run = RunDir(cfg.run.dir)
+    if run.config.is_file():
+        _check_same_config(cfg, run.config)
+    if (run.done_step() or 0) >= cfg.train.steps:
+        raise ConfigError(f"{run.root} holds a finished run (DONE at step {cfg.train.steps}); raise train.steps to "
                           "continue it, or set --run.dir to a new folder (nothing was submitted)")
 
 
@@ -241,7 +238,7 @@ def preflight_runs(runs: list[tuple[list[str], Config]], res: Resources) -> None
             raise ConfigError(f"--nodes {res.nodes} x {res.ranks_per_node} tasks per node = {res.world_size} "
                               f"ranks does not fit the config: {e}") from None
         check_run_folder(cfg)  # before preflight: "another config" says more than its checkpoint's shape
-        preflight(cfg, res.world_size, resume=(Path(cfg.run.dir) / "checkpoints" / "latest").is_file())
+        preflight(cfg, res.world_size, resume=RunDir(cfg.run.dir).has_checkpoint())
 
 
 # ----------------------------------------------------------------------------- submitting
@@ -256,7 +253,7 @@ def sbatch_script(res: Resources, folder: Path, job_name: str, array_size: int |
 
 
 def _record(run_dir: Path, job: submitit.Job, res: Resources) -> None:
-    path = run_dir / RECORD
+    path = RunDir(run_dir).slurm_record
     record = json.loads(path.read_text()) if path.is_file() else {"jobs": []}
     record["jobs"].append({"job_id": job.job_id, "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                            "nodes": res.nodes, "tasks_per_node": res.ranks_per_node,
@@ -277,7 +274,7 @@ def submit(config: str, overrides: list[str], res: Resources, sweeps: list[str] 
     runs = plan_runs(config, overrides, list(sweeps))
     preflight_runs(runs, res)
     root = Path(load_config(config, overrides).run.dir).resolve()
-    folder = root / "slurm"
+    folder = RunDir(root).slurm_folder
     job_name = f"megatrain-{root.name}"
     array_size = len(runs) if len(runs) > 1 else None
     if dry_run:

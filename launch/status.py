@@ -7,8 +7,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from launch.slurm import RECORD
 from megatrain.errors import MegatrainError
+from megatrain.run_dir import RunDir
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, str]:
@@ -36,27 +36,27 @@ def run_status(run_dir: str | Path) -> dict:
     Raises:
         MegatrainError: `run_dir` is not a megatrain run folder.
     """
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file() and not (run / RECORD).is_file():
-        raise MegatrainError(f"{run} is not a megatrain run folder (no config.yaml or {RECORD}); pass the run.dir "
-                             "of a run")
+    run = RunDir(run_dir)
+    if not run.config.is_file() and not run.slurm_record.is_file():
+        raise MegatrainError(f"{run.root} is not a megatrain run folder (no {run.config.name} or "
+                             f"{run.slurm_record.name}); pass the run.dir of a run")
     records = []
-    if (run / "metrics.jsonl").is_file():
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if run.metrics.is_file():
+        records = [json.loads(line) for line in run.metrics.read_text().splitlines() if line.strip()]
     losses = [r for r in records if "loss" in r]
-    latest = run / "checkpoints" / "latest"
-    jobs = json.loads((run / RECORD).read_text())["jobs"] if (run / RECORD).is_file() else []
+    latest = run.latest()
+    jobs = json.loads(run.slurm_record.read_text())["jobs"] if run.slurm_record.is_file() else []
     states = slurm_states([j["job_id"] for j in jobs])
     slurm_state = states.get(jobs[-1]["job_id"]) if jobs else None
-    if (run / "DONE").is_file():
+    if run.done.is_file():
         state = "done"
     elif slurm_state:
         state = slurm_state.lower()
     else:
         state = "started" if records else "not started"
-    return {"run_dir": str(run), "state": state,
+    return {"run_dir": str(run.root), "state": state,
             "step": losses[-1]["step"] if losses else 0,
-            "checkpoint": latest.read_text().strip() if latest.is_file() else None,
+            "checkpoint": latest.name if latest else None,
             "last_loss": losses[-1]["loss"] if losses else None,
             "restarts": max((r.get("restarts", 0) for r in records), default=0),
             "jobs": [{"job_id": j["job_id"], "state": states.get(j["job_id"]), "stdout": j["stdout"]} for j in jobs]}

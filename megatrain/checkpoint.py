@@ -1,6 +1,6 @@
 """Checkpoints that a crash cannot corrupt.
 
-Layout of `<run.dir>/checkpoints/`:
+Where they live in the run folder (`checkpoints/step_<N>`, `latest`): run_dir.py. Inside one:
     step_<N>/            DeepSpeed's engine state (model, optimizer, scheduler, per-rank shards)
         hf/              the model as a Hugging Face `save_pretrained` folder, plus the tokenizer files
         rng_rank<R>.pt   each rank's RNG states
@@ -31,6 +31,10 @@ from megatrain.config import Config, save_config
 from megatrain.errors import CheckpointError
 from megatrain.parallel.dims import World, barrier
 from megatrain.parallel.zero import gathered_params
+from megatrain.run_dir import RunDir
+
+CONFIG_NAME = "config.yaml"
+"""The resolved config inside a checkpoint folder (the run folder's own copy: RunDir.config)."""
 
 # Model fields that change parameter shapes; a checkpoint with other values cannot be loaded.
 SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "tie_embeddings")
@@ -48,10 +52,9 @@ def _atomic_write(path: Path, text: str) -> None:
 def resolve(path: str | Path) -> Path:
     """A step folder, or a run folder / checkpoints folder (then its `latest`)."""
     path = Path(path)
-    for root in (path / "checkpoints", path):
-        latest = root / "latest"
-        if latest.is_file():
-            path = root / latest.read_text().strip()
+    for run in (RunDir(path), RunDir(path.parent)):  # a run folder, or its checkpoints/ folder
+        if path in (run.root, run.checkpoints) and run.has_checkpoint():
+            path = run.latest()
             break
     if not (path / "hf").is_dir():
         raise CheckpointError(f"{path} is not a complete megatrain checkpoint (no hf/ inside); pass a "
@@ -61,7 +64,7 @@ def resolve(path: str | Path) -> Path:
 
 def saved_config(ckpt_dir: Path) -> dict:
     """The resolved config a checkpoint was written with, as a plain dict."""
-    saved_path = ckpt_dir / "config.yaml"
+    saved_path = ckpt_dir / CONFIG_NAME
     if not saved_path.is_file():
         raise CheckpointError(f"{saved_path} is missing; this folder was not written by megatrain")
     return yaml.safe_load(saved_path.read_text()) or {}
@@ -120,7 +123,8 @@ class Checkpointer:
     def __init__(self, cfg: Config, world: World, tokenizer_path: Path, config_comment: str = ""):
         self.cfg, self.world, self.tokenizer_path = cfg, world, tokenizer_path
         self.config_comment = config_comment  # e.g. why precision auto chose what the config records
-        self.root = Path(cfg.run.dir) / "checkpoints"
+        self.run = RunDir(cfg.run.dir)
+        self.root = self.run.checkpoints
 
     def due(self, step: int, last_step: int) -> bool:
         """Every checkpoint.interval steps, and always at the step this process stops at (the run's
@@ -129,22 +133,18 @@ class Checkpointer:
         return step == last_step or (every > 0 and step % every == 0)
 
     def latest(self) -> Path | None:
-        latest = self.root / "latest"
-        if not latest.is_file():
-            return None
-        path = self.root / latest.read_text().strip()
-        if not path.is_dir():
-            raise CheckpointError(f"{latest} names {path.name}, which does not exist; point it at an existing "
-                                  "step_<N> folder or remove it to start over")
+        path = self.run.latest()
+        if path is not None and not path.is_dir():
+            raise CheckpointError(f"{self.run.latest_file} names {path.name}, which does not exist; point it at an "
+                                  "existing step_<N> folder or remove it to start over")
         return path
 
     def save(self, step: int, engine, data_state: dict) -> Path:
         """Checkpoint the engine at `step`, with the data position `data_state` (loader.state_dict())."""
-        tag = f"step_{step}"
-        tmp, final = self.root / f".tmp-{tag}", self.root / tag
+        tmp, final = self.run.tmp_step_dir(step), self.run.step_dir(step)
         if self.world.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".tmp-*"):
+            for stale in self.run.tmp_dirs():
                 shutil.rmtree(stale)  # left by a crash mid-save; never a complete checkpoint
         barrier()
         trainer_state = {"step": step, "world_size": self.world.world_size, "data": data_state}
@@ -152,21 +152,20 @@ class Checkpointer:
         torch.save(_rng_state(), tmp / f"rng_rank{self.world.rank}.pt")
         export_hf(engine, tmp / "hf", self.world, self.tokenizer_path)
         if self.world.is_main:
-            save_config(self.cfg, tmp / "config.yaml", self.config_comment)
+            save_config(self.cfg, tmp / CONFIG_NAME, self.config_comment)
             _atomic_write(tmp / "trainer.json", json.dumps(trainer_state, indent=2))
         barrier()  # every rank's files are in tmp before it becomes a checkpoint
         if self.world.is_main:
             if final.exists():  # an earlier attempt at this step (before a requeue): replace it whole
                 shutil.rmtree(final)
             tmp.rename(final)
-            _atomic_write(self.root / "latest", tag)
+            _atomic_write(self.run.latest_file, final.name)
             self._prune()
         barrier()
         return final
 
     def _prune(self) -> None:
-        steps = sorted((int(p.name.split("_")[1]), p) for p in self.root.glob("step_*") if p.is_dir())
-        for _, path in steps[: -self.cfg.checkpoint.keep_last]:
+        for _, path in self.run.step_dirs()[: -self.cfg.checkpoint.keep_last]:
             shutil.rmtree(path)
 
     def prepare_resume(self) -> bool:

@@ -16,8 +16,8 @@ def _train(args, overrides: list[str]) -> int:
 
     cfg = load_config(args.config, overrides)
     if args.auto_resume:
-        from pathlib import Path
-        args.resume = (Path(cfg.run.dir) / "checkpoints" / "latest").is_file()
+        from megatrain.run_dir import RunDir
+        args.resume = RunDir(cfg.run.dir).has_checkpoint()
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from launch.local import run_local
 
@@ -39,7 +39,7 @@ def _train(args, overrides: list[str]) -> int:
 
 
 def _load(checkpoint: str):
-    from megatrain.checkpoint import resolve
+    from megatrain.checkpoint import CONFIG_NAME, resolve
     from megatrain.config import load_config
     from megatrain.data.tokenizer import Tokenizer
     from megatrain.model.llama import pick_attention
@@ -48,7 +48,7 @@ def _load(checkpoint: str):
 
     hf_logging.disable_progress_bar()  # stdout/stderr carry only the answer or the JSON
     path = resolve(checkpoint)
-    cfg = load_config(path / "config.yaml")
+    cfg = load_config(path / CONFIG_NAME)
     model = LlamaForCausalLM.from_pretrained(path / "hf", attn_implementation=pick_attention("auto", "cpu"),
                                              dtype="float32")
     return cfg, model.eval(), Tokenizer(path / "hf" / "tokenizer.model")

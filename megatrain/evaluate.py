@@ -23,6 +23,7 @@ from megatrain.data.released import read_split
 from megatrain.data.tokenizer import Tokenizer
 from megatrain.parallel.dims import World, all_reduce_sum
 from megatrain.parallel.zero import gathered_params
+from megatrain.run_dir import RunDir
 
 HEADLINE = ("exact_match", "numeric_match", "teacher_forced_exact_match")
 
@@ -181,8 +182,8 @@ class Evaluator:
             return {}
         summary = self.run(load_problems(self.cfg, self.cfg.eval.final_limit), self.cfg.eval.examples)
         if self.world.is_main:
-            path = Path(self.cfg.run.dir) / "eval.json"
-            tmp = path.with_name(".eval.json.tmp")
+            path = RunDir(self.cfg.run.dir).eval
+            tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text(json.dumps({"step": step, **summary}, indent=2))
             tmp.replace(path)
         return summary

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from megatrain.parallel.dims import World, all_reduce_sum
+from megatrain.run_dir import RunDir
 
 # Dense bf16 peak FLOP/s per device, from the vendors' datasheets (as torchtitan's get_peak_flops).
 # CPUs are absent on purpose: their peak depends on cores, clocks and ISA, so no MFU is reported.
@@ -46,10 +47,10 @@ class Metrics:
         self._jsonl = self._tb = self._bar = None
         if world.is_main:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+            self._jsonl = open(RunDir(run_dir).metrics, "a", buffering=1)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                self._tb = SummaryWriter(str(RunDir(run_dir).tensorboard))
             if progress:
                 from tqdm import tqdm
                 self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)

@@ -6,11 +6,11 @@ import json
 import os
 from pathlib import Path
 
-LOSS_PLOT = "loss.png"
+from megatrain.run_dir import RunDir
 
 
 def save_loss_plot(run_dir: Path) -> Path | None:
-    """Plot `loss` and every `loss/<source>` of <run_dir>/metrics.jsonl against the step.
+    """Plot `loss` and every `loss/<source>` of the run's metrics.jsonl against the step, as loss.png.
 
     A resumed run appends to metrics.jsonl, so a step can appear twice (the part of a run redone
     after a requeue); the later line wins. Written atomically.
@@ -23,7 +23,8 @@ def save_loss_plot(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")  # no display on cluster nodes
     import matplotlib.pyplot as plt
 
-    metrics = Path(run_dir) / "metrics.jsonl"
+    run = RunDir(run_dir)
+    metrics = run.metrics
     series: dict[str, dict[int, float]] = {}
     if metrics.is_file():
         for line in metrics.read_text().splitlines():
@@ -45,8 +46,8 @@ def save_loss_plot(run_dir: Path) -> Path | None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(run_dir) / LOSS_PLOT
-    tmp = out.with_name(f".{LOSS_PLOT}.tmp.png")
+    out = run.loss_plot
+    tmp = out.with_name(f".{out.stem}.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, out)

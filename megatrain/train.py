@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import random
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from megatrain.parallel.launcher_env import export_rank_env
 from megatrain.parallel.zero import wrap
 from megatrain.plots import save_loss_plot
 from megatrain.preemption import StopRequest
+from megatrain.run_dir import RunDir
 
 
 Data = ShardSet | dict[str, PackedDataset]  # question/answer shards, or a pretraining mixture
@@ -41,14 +41,14 @@ def preflight(cfg: Config, world_size: int, resume: bool) -> Data:
     """Every check that can fail on the user's input, before any process group, engine or file is made."""
     validate(cfg, world_size)
     data = open_mixture(cfg.data.sources, cfg.model.max_seq_len) if cfg.data.sources else ShardSet(cfg.data.shards)
-    checkpoints = Path(cfg.run.dir) / "checkpoints"
-    has_checkpoint = (checkpoints / "latest").is_file()
+    run = RunDir(cfg.run.dir)
+    has_checkpoint = run.has_checkpoint()
     if resume and has_checkpoint:
-        latest = checkpoints / (checkpoints / "latest").read_text().strip()
+        latest = run.latest()
         check_compatible(latest, cfg)
         check_elastic(latest, cfg, world_size)
     if resume and not has_checkpoint:
-        raise CheckpointError(f"--resume: no checkpoint in {checkpoints}; train without --resume first")
+        raise CheckpointError(f"--resume: no checkpoint in {run.checkpoints}; train without --resume first")
     if not resume and has_checkpoint:
         raise CheckpointError(f"{cfg.run.dir} already has checkpoints; pass --resume to continue that run, "
                               "or set --run.dir to a new folder (nothing was overwritten)")
@@ -100,10 +100,8 @@ def resolve_precision(cfg: Config, world: World, resume: bool) -> tuple[Config, 
 
     Rank 0 prints the line first thing; it also heads the run's config.yaml as a comment.
     """
-    latest = Path(cfg.run.dir) / "checkpoints" / "latest"
-    recorded = None
-    if resume and latest.is_file():
-        recorded = saved_config(latest.parent / latest.read_text().strip()).get("precision")
+    latest = RunDir(cfg.run.dir).latest()
+    recorded = saved_config(latest).get("precision") if resume and latest else None
     choice = precision.choose(cfg.precision, world.device_type, cfg.parallel.zero_stage, recorded)
     all_native = all_reduce_sum([1.0 if choice.native_bf16 else 0.0])[0] == world.world_size
     choice = precision.agree(choice, all_native)
@@ -244,10 +242,11 @@ def train(cfg: Config, resume: bool = False, stop: StopRequest | None = None) ->
         data, skipped = verify_data(data, world, cfg.data.on_bad_shard)
     seed_everything(cfg.run.seed)
     tokenizer_path, vocab_size, pad_id, bos_id, eos_id = model_ids(data)
+    run = RunDir(cfg.run.dir)
     if world.is_main:
-        Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(cfg.run.dir) / "config.yaml", precision_note)
-        (Path(cfg.run.dir) / "DONE").unlink(missing_ok=True)  # continued past its old end: not done any more
+        run.root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run.config, precision_note)
+        run.done.unlink(missing_ok=True)  # continued past its old end: not done any more
 
     model = build_model(cfg.model, vocab_size, pad_id, bos_id, eos_id, world.device_type)
     apply_ac(model, cfg.parallel.activation_checkpointing)
@@ -297,7 +296,7 @@ def train(cfg: Config, resume: bool = False, stop: StopRequest | None = None) ->
     if last == cfg.train.steps:
         summary = evaluator.final(last)
         if world.is_main:
-            save_loss_plot(Path(cfg.run.dir))
-            (Path(cfg.run.dir) / "DONE").write_text(json.dumps({"step": last}) + "\n")
+            save_loss_plot(run.root)
+            run.mark_done(last)
     shutdown()
     return summary
