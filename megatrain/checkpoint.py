@@ -3,7 +3,7 @@
 Where they live in the run folder (`checkpoints/step_<N>`, `latest`): run_dir.py. Inside one:
     step_<N>/            DeepSpeed's engine state (model, optimizer, scheduler, per-rank shards)
         hf/              the model as a Hugging Face `save_pretrained` folder, plus the tokenizer files
-        rng_rank<R>.pt   each rank's RNG states
+        rng_rank<R>.pt   each rank's RNG states (tensors and plain values: loaded with weights_only=True)
         config.yaml      the resolved config of the run that wrote it
         trainer.json     step and data position (human-readable; also in DeepSpeed's client state)
     latest               the name of the newest complete checkpoint
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import subprocess
@@ -92,17 +93,42 @@ def check_elastic(ckpt_dir: Path, cfg: Config, world_size: int) -> None:
                               f"{saved} ranks, or train with parallel.zero_stage 1 or 2 to change the rank count")
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+def rng_state() -> dict:
+    """This process's RNG states as tensors, ints and floats only, so that loading them needs no
+    pickle of arbitrary objects (`torch.load(..., weights_only=True)`)."""
+    version, mt_words, gauss_next = random.getstate()
+    kind, np_words, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {"python": {"version": version, "state": torch.tensor(mt_words, dtype=torch.int64),
+                       "gauss_next": gauss_next},
+            "numpy": {"kind": kind, "state": torch.from_numpy(np_words.astype(np.int64)), "pos": int(np_pos),
+                      "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+def set_rng_state(state: dict) -> None:
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss_next"]))
+    np.random.set_state((npy["kind"], npy["state"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["gauss"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_rng_file(path: Path) -> dict:
+    """An `rng_rank<R>.pt`, read without unpickling anything but tensors and plain values.
+
+    Raises:
+        CheckpointError: the file holds other objects (a crafted pickle, or a file written before
+            RNG states were stored this way).
+    """
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{path} holds objects other than tensors and plain values, which megatrain "
+                              f"does not unpickle ({str(error).splitlines()[-1][:120]}); delete the rng_rank*.pt "
+                              "files of that checkpoint to resume with only run.seed for the RNGs") from None
 
 
 def export_hf(engine, out_dir: Path, world: World, tokenizer_path: Path) -> None:
@@ -149,7 +175,7 @@ class Checkpointer:
         barrier()
         trainer_state = {"step": step, "world_size": self.world.world_size, "data": data_state}
         engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=trainer_state, save_latest=False)
-        torch.save(_rng_state(), tmp / f"rng_rank{self.world.rank}.pt")
+        torch.save(rng_state(), tmp / f"rng_rank{self.world.rank}.pt")
         export_hf(engine, tmp / "hf", self.world, self.tokenizer_path)
         if self.world.is_main:
             save_config(self.cfg, tmp / CONFIG_NAME, self.config_comment)
@@ -214,5 +240,5 @@ class Checkpointer:
         loader.load_state_dict(client["data"])
         rng = path / f"rng_rank{self.world.rank}.pt"
         if rng.is_file():  # absent when the world size changed; then only the global seed carries over
-            _set_rng_state(torch.load(rng, weights_only=False))
+            set_rng_state(load_rng_file(rng))
         return int(client["step"])

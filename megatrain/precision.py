@@ -37,6 +37,8 @@ class Choice:
     """One phrase saying why, for the first log line and the run's config.yaml."""
     native_bf16: bool
     """Whether this rank's device computes bf16 natively."""
+    evidence: str = ""
+    """What native_bf16 rests on (e.g. "this CPU has avx512_bf16")."""
     from_hardware: bool = False
     """Chosen by `auto` from this rank's hardware (so the ranks must agree on it)."""
 
@@ -86,18 +88,19 @@ def choose(requested: str, device_type: str, zero_stage: int, recorded: str | No
     """
     native, evidence = native_bf16(device_type, flags)
     if requested != "auto":
-        return Choice(requested, "set in the config", native)
+        return Choice(requested, "set in the config", native, evidence)
     if recorded in ("fp32", "bf16"):
-        return Choice(recorded, "auto: kept from the checkpoint this run resumes", native)
+        return Choice(recorded, "auto: kept from the checkpoint this run resumes", native, evidence)
     if native and zero_stage == 0:
-        return Choice("fp32", f"auto: {evidence}, but {_ZERO0_BF16}", native)
-    return Choice("bf16" if native else "fp32", f"auto: {evidence}", native, from_hardware=True)
+        return Choice("fp32", f"auto: {evidence}, but {_ZERO0_BF16}", native, evidence)
+    return Choice("bf16" if native else "fp32", f"auto: {evidence}", native, evidence, from_hardware=True)
 
 
 def agree(choice: Choice, all_native: bool) -> Choice:
     """The choice every rank takes once `all_native` (every rank runs bf16 natively) is known."""
     if choice.from_hardware and choice.precision == "bf16" and not all_native:
-        return Choice("fp32", "auto: another rank's device has no native bf16", choice.native_bf16, True)
+        return Choice("fp32", "auto: another rank's device has no native bf16", choice.native_bf16,
+                      choice.evidence, from_hardware=True)
     return choice
 
 
@@ -128,6 +131,5 @@ def emulation_warning(choice: Choice, device_type: str) -> str | None:
     """One warning line for an explicit bf16 on a CPU that emulates it; None when there is nothing to say."""
     if choice.precision != "bf16" or choice.native_bf16 or device_type != "cpu":
         return None
-    _, evidence = native_bf16(device_type)
-    return (f"warning: precision=bf16 is emulated here ({evidence}): a {256}x{256} matmul probe ran "
+    return (f"warning: precision=bf16 is emulated here ({choice.evidence}): a 256x256 matmul probe ran "
             f"{bf16_slowdown():.0f}x slower than fp32; precision=auto (or fp32) would train faster")

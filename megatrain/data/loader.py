@@ -130,9 +130,8 @@ class QAOrder:
 
     def __init__(self, shards: ShardSet, seed: int, window_samples: int):
         lengths = np.asarray(shards.block_lengths)
-        self.window_samples = window_samples
         if len(shards.source_names) == 1:
-            self.mixture, self.block_ids, self.orders = None, [np.arange(len(lengths))], [SampleOrder(lengths, seed)]
+            self.mixture, self.orders = None, [SampleOrder(lengths, seed)]
             return
         source = np.asarray(shards.block_source)
         by_name = {name: np.flatnonzero(source == i) for i, name in enumerate(shards.source_names)}

@@ -1,0 +1,51 @@
+"""Files in a checkpoint are loaded without unpickling arbitrary objects."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+
+from megatrain.checkpoint import load_rng_file, rng_state, set_rng_state
+
+
+def draws():
+    return random.random(), random.gauss(0, 1), float(np.random.rand()), float(np.random.randn()), torch.rand(2)
+
+
+def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    draws()  # past the seeds, with a cached Gaussian on both Python and numpy sides
+    torch.save(rng_state(), tmp_path / "rng_rank0.pt")
+    want = draws()
+    set_rng_state(load_rng_file(tmp_path / "rng_rank0.pt"))
+    got = draws()
+    assert got[:4] == want[:4] and torch.equal(got[4], want[4])
+
+
+class Payload:
+    """Unpickling this runs a shell command (what a crafted checkpoint file would do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_rng_file_is_refused_with_one_line(train_smoke, reference_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    marker = tmp_path / "pwned"
+    torch.save({"python": Payload(marker)}, run / "checkpoints" / "step_8" / "rng_rank0.pt")
+    before = (run / "checkpoints" / "step_8" / "trainer.json").read_bytes()
+    result = train_smoke(run, "--resume", "--train.steps=10", check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rng_rank0.pt holds objects other than tensors" in errors[0], result.stderr[-2000:]
+    assert not marker.exists()  # the payload never ran
+    assert (run / "checkpoints" / "latest").read_text() == "step_8"
+    assert (run / "checkpoints" / "step_8" / "trainer.json").read_bytes() == before
