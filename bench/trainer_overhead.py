@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from megatrain.config import load_config, validate  # noqa: E402
-from megatrain.model.llama import build_model, num_params  # noqa: E402
+from megatrain.model import TokenIds, family, num_params  # noqa: E402
 from megatrain.optim import build_optimizer, build_scheduler  # noqa: E402
 from megatrain.parallel.dims import init_world  # noqa: E402  (sets DS_ACCELERATOR before deepspeed loads)
 from megatrain.parallel.zero import wrap  # noqa: E402
@@ -86,7 +86,8 @@ def synthetic_batches(args: argparse.Namespace) -> list[dict[str, torch.Tensor]]
     for _ in range(args.num_batches):
         input_ids = torch.randint(3, args.vocab, (args.micro_batch, args.seq), generator=g)  # (B, T)
         batches.append({"input_ids": input_ids, "labels": input_ids.clone(),
-                        "attention_mask": torch.ones_like(input_ids)})
+                        "attention_mask": torch.ones_like(input_ids),
+                        "real_tokens": torch.full((args.micro_batch,), args.seq)})
     return batches
 
 
@@ -102,7 +103,7 @@ class Batches:
     def __next__(self) -> dict[str, torch.Tensor]:
         batch = self.batches[self.i % len(self.batches)]
         self.i += 1
-        return batch
+        return dict(batch)  # train_step pops real_tokens from what it is given
 
 
 class PlainTrainer:
@@ -129,7 +130,7 @@ class PlainTrainer:
         self.scheduler = build_scheduler(self.optimizer, cfg)
 
     def step(self) -> float:
-        batch = {k: v.to(self.device) for k, v in next(self.loader).items()}
+        batch = {k: v.to(self.device) for k, v in next(self.loader).items() if k != "real_tokens"}
         loss = self.model(**batch).loss
         loss.backward()
         if self.master is not None:
@@ -173,23 +174,24 @@ def main(argv=None) -> float:
     total_steps = args.warmup + args.rounds * args.steps
     cfg = build_config(args, total_steps)
     world = init_world()
-    validate(cfg, world.world_size)
+    dims = validate(cfg, world.world_size)
     import deepspeed
     deepspeed.utils.logger.setLevel(logging.WARNING)  # engine-build INFO lines would bury the table
 
     torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg.model, args.vocab, PAD_ID, BOS_ID, EOS_ID, world.device_type)
-    plain_model = build_model(cfg.model, args.vocab, PAD_ID, BOS_ID, EOS_ID, world.device_type)
+    llama, ids = family("llama"), TokenIds(args.vocab, PAD_ID, BOS_ID, EOS_ID)
+    model = llama.build(cfg.model, ids, world.device_type)
+    plain_model = llama.build(cfg.model, ids, world.device_type)
     plain_model.load_state_dict(model.state_dict())  # identical initial weights, taken before wrapping
     n_params = num_params(model, exclude_embeddings=False)
 
-    optimizer = build_optimizer(model, cfg)
-    engine = wrap(model, optimizer, build_scheduler(optimizer, cfg), cfg, world.world_size)
+    optimizer = build_optimizer(llama.param_groups(model, cfg.optim.weight_decay), cfg)
+    engine = wrap(model, optimizer, build_scheduler(optimizer, cfg), cfg, dims)
     batches = synthetic_batches(args)
     loader = Batches(batches)
     plain = PlainTrainer(plain_model, cfg, batches, engine.device, args.plain_bf16)
 
-    sides = {"megatrain": lambda: train_step(engine, [next(loader)]).loss, "plain": plain.step}
+    sides = {"megatrain": lambda: train_step(engine, [next(loader)], 1, llama).loss, "plain": plain.step}
     losses = {name: [] for name in sides}
     times = {name: [] for name in sides}
     for name, run_step in sides.items():

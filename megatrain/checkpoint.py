@@ -30,16 +30,13 @@ import yaml
 
 from megatrain.config import Config, save_config
 from megatrain.errors import CheckpointError
+from megatrain.model import ModelFamily, family
 from megatrain.parallel.dims import World, barrier
 from megatrain.parallel.zero import gathered_params
 from megatrain.run_dir import RunDir
 
 CONFIG_NAME = "config.yaml"
 """The resolved config inside a checkpoint folder (the run folder's own copy: RunDir.config)."""
-
-# Model fields that change parameter shapes; a checkpoint with other values cannot be loaded.
-SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "tie_embeddings")
-
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
@@ -73,19 +70,38 @@ def saved_config(ckpt_dir: Path) -> dict:
 
 def check_compatible(ckpt_dir: Path, cfg: Config) -> None:
     """Refuse, before touching the engine, a checkpoint whose parameter shapes differ from cfg.model."""
-    saved = saved_config(ckpt_dir).get("model", {})
+    saved = {"family": "llama", **saved_config(ckpt_dir).get("model", {})}  # written before families existed
     ours = vars(cfg.model)
-    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {ours[k]!r}" for k in SHAPE_FIELDS
+    fields = ("family", *family(cfg.model.family).shape_fields)
+    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {ours[k]!r}" for k in fields
              if saved.get(k) != ours[k]]
     if diffs:
         raise CheckpointError(f"checkpoint {ckpt_dir} has another model shape ({'; '.join(diffs)}); "
                               "resume with the config it was written with, or start a new run.dir")
 
 
+def saved_layout(ckpt_dir: Path) -> tuple[int | None, int]:
+    """(world size, tp_degree) of the run that wrote a checkpoint (None: not recorded)."""
+    trainer = json.loads((ckpt_dir / "trainer.json").read_text())
+    return trainer.get("world_size"), trainer.get("tp_degree", 1)
+
+
 def check_elastic(ckpt_dir: Path, cfg: Config, world_size: int) -> None:
-    """Refuse, before anything starts, a resume onto another number of ranks that would not be exact."""
-    saved = json.loads((ckpt_dir / "trainer.json").read_text()).get("world_size")
-    if saved not in (None, world_size) and cfg.parallel.zero_stage == 3:
+    """Refuse, before anything starts, a resume onto another layout that would not load or not be exact.
+
+    Another number of ranks or another tp_degree loads through DeepSpeed's universal checkpoint
+    (Checkpointer.prepare_resume); measured exact with ZeRO 1 and 2, TP 2 -> 1, 1 -> 2 and DP 1 -> 2
+    under TP 2 (tests/test_tensor_parallel.py).
+    """
+    saved, saved_tp = saved_layout(ckpt_dir)
+    tp, stage = cfg.parallel.tp_degree, cfg.parallel.zero_stage
+    if saved_tp != tp and stage in (0, 3):
+        # ZeRO-0 keeps each TP rank's slice in its own model file, with no ZeRO state to convert;
+        # ZeRO-3 through the universal checkpoint is not exact (below).
+        raise CheckpointError(f"{ckpt_dir} was written with parallel.tp_degree={saved_tp}; with ZeRO-{stage} it "
+                              f"cannot be resumed at tp_degree={tp}. Resume with --parallel.tp_degree={saved_tp}, "
+                              "or with zero_stage 1 or 2 (which convert between layouts exactly)")
+    if saved not in (None, world_size) and stage == 3:
         # Measured with DeepSpeed 0.19.8: ZeRO-3 through the universal checkpoint loads, but the first
         # optimizer step after it differs (loss 4.1722 instead of 4.1614 two steps later).
         raise CheckpointError(f"{ckpt_dir} was written by {saved} ranks with ZeRO-3; resuming it on {world_size} "
@@ -131,16 +147,23 @@ def load_rng_file(path: Path) -> dict:
                               "files of that checkpoint to resume with only run.seed for the RNGs") from None
 
 
-def export_hf(engine, out_dir: Path, world: World, tokenizer_path: Path) -> None:
-    """Write the full model as an HF folder from rank 0; under ZeRO-3 every rank helps gather it."""
-    with gathered_params(engine.module):
+def export_hf(engine, model_family: ModelFamily, out_dir: Path, world: World, tokenizer_path: Path) -> None:
+    """Write the whole, unsharded model as an HF folder from rank 0; every rank helps gather it."""
+    if world.tp > 1:
+        # Joins the TP slices (and ZeRO-3 partitions) on rank 0, under the HF names; None elsewhere.
+        state = engine._consolidated_16bit_state_dict()
         if world.is_main:
-            engine.module.save_pretrained(out_dir, safe_serialization=True)
-            if tokenizer_path.is_dir():  # a dataset's tokenizer/ folder (sentencepiece or HF files)
-                for file in sorted(tokenizer_path.iterdir()):
-                    shutil.copyfile(file, out_dir / file.name)
-            else:
-                shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
+            model_family.save_hf(engine.module, out_dir, state)
+    else:
+        with gathered_params(engine.module):
+            if world.is_main:
+                model_family.save_hf(engine.module, out_dir)
+    if world.is_main:
+        if tokenizer_path.is_dir():  # a dataset's tokenizer/ folder (sentencepiece or HF files)
+            for file in sorted(tokenizer_path.iterdir()):
+                shutil.copyfile(file, out_dir / file.name)
+        else:
+            shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
 
 
 class Checkpointer:
@@ -173,10 +196,11 @@ class Checkpointer:
             for stale in self.run.tmp_dirs():
                 shutil.rmtree(stale)  # left by a crash mid-save; never a complete checkpoint
         barrier()
-        trainer_state = {"step": step, "world_size": self.world.world_size, "data": data_state}
+        trainer_state = {"step": step, "world_size": self.world.world_size, "tp_degree": self.world.tp,
+                         "data": data_state}
         engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=trainer_state, save_latest=False)
         torch.save(rng_state(), tmp / f"rng_rank{self.world.rank}.pt")
-        export_hf(engine, tmp / "hf", self.world, self.tokenizer_path)
+        export_hf(engine, family(self.cfg.model.family), tmp / "hf", self.world, self.tokenizer_path)
         if self.world.is_main:
             save_config(self.cfg, tmp / CONFIG_NAME, self.config_comment)
             _atomic_write(tmp / "trainer.json", json.dumps(trainer_state, indent=2))
@@ -197,8 +221,8 @@ class Checkpointer:
     def prepare_resume(self) -> bool:
         """Before the engine exists: make the latest checkpoint loadable by this world size.
 
-        ZeRO partitions optimizer state by data-parallel rank, and DeepSpeed refuses to load it into
-        another number of ranks. DeepSpeed's own answer is the universal checkpoint (one file per
+        ZeRO partitions optimizer state by data-parallel rank and AutoTP by tensor-parallel rank, and
+        DeepSpeed refuses to load either into another layout. DeepSpeed's own answer is the universal checkpoint (one file per
         parameter and state): rank 0 converts once into `step_<N>/universal/` (atomically), and the
         engine is then built with checkpoint.load_universal.
 
@@ -206,8 +230,9 @@ class Checkpointer:
             True if the engine must load a universal checkpoint.
         """
         path = self.latest()
-        saved = json.loads((path / "trainer.json").read_text()).get("world_size") if path else None
-        if path is None or saved in (None, self.world.world_size) or self.cfg.parallel.zero_stage == 0:
+        saved, saved_tp = saved_layout(path) if path else (None, 1)
+        same_layout = saved in (None, self.world.world_size) and saved_tp == self.world.tp
+        if path is None or same_layout or self.cfg.parallel.zero_stage == 0:
             return False  # stage 0 keeps whole optimizer state in the model file: it loads as it is
         universal = path / "universal"
         if self.world.is_main and not universal.is_dir():

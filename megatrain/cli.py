@@ -42,15 +42,13 @@ def _load(checkpoint: str):
     from megatrain.checkpoint import CONFIG_NAME, resolve
     from megatrain.config import load_config
     from megatrain.data.tokenizer import Tokenizer
-    from megatrain.model.llama import pick_attention
-    from transformers import LlamaForCausalLM
+    from megatrain.model import family
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # stdout/stderr carry only the answer or the JSON
     path = resolve(checkpoint)
     cfg = load_config(path / CONFIG_NAME)
-    model = LlamaForCausalLM.from_pretrained(path / "hf", attn_implementation=pick_attention("auto", "cpu"),
-                                             dtype="float32")
+    model = family(cfg.model.family).load_hf(path / "hf")  # whole and unsharded, whatever the run's layout
     return cfg, model.eval(), Tokenizer(path / "hf" / "tokenizer.model")
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from megatrain.errors import ConfigError
+from megatrain.parallel.dims import BatchPlan, ParallelDims
 
 
 @dataclass
@@ -29,8 +30,10 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    """A Llama-style decoder built from transformers' Llama classes (checkpoints stay HF-native)."""
+    """The model: a family from megatrain/model/ and its sizes (checkpoints stay HF-native)."""
 
+    family: str = "llama"
+    """llama: a Llama-style decoder built from transformers' Llama classes."""
     hidden_size: int = 256
     num_layers: int = 4
     num_heads: int = 4
@@ -142,6 +145,9 @@ class OptimConfig:
 class ParallelConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0-3, passed through deepspeed_config()."""
+    tp_degree: int = 1
+    """Tensor-parallel ranks per model replica (DeepSpeed AutoTP): contiguous ranks split each layer's
+    matrices; data-parallel ranks = world size / tp_degree, and ZeRO shards across those."""
     offload_optimizer: bool = False
     """Keep optimizer state on the CPU and step there (DeepSpeedCPUAdam); needs zero_stage >= 1."""
     offload_params: bool = False
@@ -341,22 +347,19 @@ def save_config(cfg: Config, path: str | Path, comment: str = "") -> None:
 
 # ----------------------------------------------------------------------------- cross-section checks
 
-def gradient_accumulation_steps(cfg: Config, dp_world_size: int) -> int:
-    """global = micro x accumulation x data-parallel ranks (gpt-neox's check_batch_parameters)."""
-    global_batch = cfg.train.global_batch_size or cfg.train.micro_batch_size * dp_world_size
-    per_step = cfg.train.micro_batch_size * dp_world_size
-    if global_batch % per_step:
-        raise ConfigError(
-            f"train.global_batch_size={global_batch} does not divide by train.micro_batch_size="
-            f"{cfg.train.micro_batch_size} x {dp_world_size} data-parallel ranks = {per_step}; "
-            f"set train.global_batch_size to a multiple of {per_step}")
-    return global_batch // per_step
+def batch_plan(cfg: Config, dims: ParallelDims) -> BatchPlan:
+    """The one batch plan (micro batch, accumulation, data-parallel ranks) that everything reads."""
+    return BatchPlan.of(cfg.train.micro_batch_size, cfg.train.global_batch_size, dims.dp)
 
 
-def validate(cfg: Config, world_size: int) -> None:
-    """Every check that spans sections or needs the world size, in one place."""
-    if world_size < 1:
-        raise ConfigError(f"world size {world_size}: need at least one rank")
+def validate(cfg: Config, world_size: int) -> ParallelDims:
+    """Every check that spans sections or needs the world size, in one place (the model family's own
+    checks, which need the vocabulary, are in parallelize.check).
+
+    Returns:
+        The parallel layout of this config on `world_size` ranks.
+    """
+    dims = ParallelDims(world_size, cfg.parallel.tp_degree)
     for key, value in (("train.steps", cfg.train.steps), ("train.micro_batch_size", cfg.train.micro_batch_size),
                        ("log.interval", cfg.log.interval), ("eval.batch_size", cfg.eval.batch_size)):
         if value < 1:
@@ -370,7 +373,7 @@ def validate(cfg: Config, world_size: int) -> None:
             raise ConfigError(f"{key}={value}: must not be negative")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: keep at least 1")
-    gradient_accumulation_steps(cfg, world_size)
+    batch_plan(cfg, dims)
     p = cfg.parallel
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={p.zero_stage}: DeepSpeed ZeRO stages are 0, 1, 2 and 3")
@@ -392,3 +395,4 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds train.steps={cfg.train.steps}")
     if not math.isfinite(cfg.optim.lr) or cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr}: must be a positive number")
+    return dims

@@ -22,6 +22,7 @@ from megatrain.data.loader import collate, qa_example
 from megatrain.data.released import read_split
 from megatrain.data.tokenizer import Tokenizer
 from megatrain.parallel.dims import World, all_reduce_sum
+from megatrain.parallel.parallelize import whole_logits
 from megatrain.parallel.zero import gathered_params
 from megatrain.run_dir import RunDir
 
@@ -116,9 +117,9 @@ def evaluate(model, tokenizer: Tokenizer, problems: list[tuple[str, str, str]], 
     was_training = model.training
     model.eval()
     counts: dict[str, list[float]] = {m: [0.0] * 4 for m in sorted({p[0] for p in problems})}
-    mine = problems[world.rank::world.world_size]
+    mine = problems[world.dp_rank::world.dp_size]  # a tensor-parallel group decodes its share together
     shown: dict[str, list[dict]] = {m: [] for m in counts} if examples and world.is_main else {}
-    with gathered_params(model):
+    with gathered_params(model), whole_logits(model):
         for i in range(0, len(mine), batch_size):
             chunk = mine[i: i + batch_size]
             predictions = generate_answers(model, tokenizer, [q for _, q, _ in chunk], max_new_tokens, max_seq_len)
@@ -130,7 +131,8 @@ def evaluate(model, tokenizer: Tokenizer, problems: list[tuple[str, str, str]], 
             for (module, question, gold), prediction in zip(chunk, predictions):
                 if module in shown and len(shown[module]) < examples:
                     shown[module].append({"question": question, "answer": prediction, "gold": gold})
-    flat = all_reduce_sum([v for m in counts for v in counts[m]])
+    counted_here = 1.0 if world.tp_rank == 0 else 0.0  # a TP group scored its share once, not tp times
+    flat = all_reduce_sum([v * counted_here for m in counts for v in counts[m]])
     counts = {m: flat[4 * i: 4 * i + 4] for i, m in enumerate(counts)}
     model.train(was_training)
     return {**summarize(counts), **({"examples": shown} if shown else {})}

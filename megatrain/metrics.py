@@ -30,7 +30,9 @@ class Metrics:
 
     Loss is averaged over ranks and over the steps since the last line; tokens/s counts the real
     (unpadded) tokens of all ranks, so padding does not inflate it. With several data sources, each
-    line also has `loss/<source>`: that source's token-weighted loss over the same steps.
+    line also has `loss/<source>`: that source's token-weighted loss over the same steps. A family whose
+    loss has named parts (ModelOutput.parts) gets `loss_part/<name>` too. Tokens of a tensor-parallel
+    group count once.
     """
 
     def __init__(self, run_dir: str, log_interval: int, world: World, total_steps: int, start_step: int,
@@ -41,6 +43,7 @@ class Metrics:
         self.flops_per_token, self.peak = flops_per_token, peak
         self.source_names = list(source_names)
         self._loss_sum, self._tokens, self._steps = 0.0, 0.0, 0
+        self._parts: dict[str, float] = {}  # the loss's named parts (an MoE aux loss, ...), summed
         self._source_sums = [0.0] * (2 * len(self.source_names))  # loss sums, then label tokens
         self._t0 = time.perf_counter()
         self.last: dict = {}
@@ -60,6 +63,8 @@ class Metrics:
         self._loss_sum += result.loss
         self._tokens += result.tokens
         self._steps += 1
+        for name, value in result.parts.items():
+            self._parts[name] = self._parts.get(name, 0.0) + value
         if len(result.source_loss) == len(self.source_names):
             for i, value in enumerate([*result.source_loss, *result.source_tokens]):
                 self._source_sums[i] += value
@@ -67,10 +72,16 @@ class Metrics:
             self._bar.update(1)
         if step % self.log_interval and not extra:
             return None
-        loss_sum, token_sum, *source_sums = all_reduce_sum([self._loss_sum, self._tokens, *self._source_sums])
+        part_names = sorted(self._parts)  # the same on every rank: the family names them
+        loss_sum, token_sum, *sums = all_reduce_sum([self._loss_sum, self._tokens, *self._source_sums,
+                                                     *(self._parts[p] for p in part_names)])
+        source_sums, part_sums = sums[: len(self._source_sums)], sums[len(self._source_sums):]
         elapsed = time.perf_counter() - self._t0
+        token_sum /= self.world.tp  # the ranks of a tensor-parallel group train on the same tokens
         record = {"step": step, "loss": loss_sum / (self._steps * self.world.world_size), "lr": lr,
                   "tokens_per_s": token_sum / elapsed, "restarts": self.restarts}
+        record.update({f"loss_part/{name}": value / (self._steps * self.world.world_size)
+                       for name, value in zip(part_names, part_sums)})
         n = len(self.source_names)
         if n > 1:
             record.update({f"loss/{name}": source_sums[i] / source_sums[n + i]
@@ -80,6 +91,7 @@ class Metrics:
         record.update(self.counters() if self.counters else {})
         record.update(extra or {})
         self._loss_sum, self._tokens, self._steps, self._t0 = 0.0, 0.0, 0, time.perf_counter()
+        self._parts = {}
         self._source_sums = [0.0] * (2 * n)
         self.write(record)
         return record

@@ -14,7 +14,7 @@ import torch
 
 from megatrain import precision
 from megatrain.checkpoint import Checkpointer, check_compatible, check_elastic, saved_config
-from megatrain.config import Config, gradient_accumulation_steps, save_config, validate
+from megatrain.config import Config, batch_plan, save_config, validate
 from megatrain.data.loader import IGNORE_INDEX, QALoader
 from megatrain.data.mix_loader import MixtureLoader, open_mixture
 from megatrain.data.packed import PackedDataset
@@ -23,10 +23,10 @@ from megatrain.data.tokenizer import Tokenizer
 from megatrain.errors import CheckpointError, DataError
 from megatrain.evaluate import Evaluator
 from megatrain.metrics import Metrics, peak_flops
-from megatrain.model.llama import build_model, flops_per_token, num_params
+from megatrain.model import ModelFamily, TokenIds, family
 from megatrain.optim import build_optimizer, build_scheduler
-from megatrain.parallel.checkpointing import apply_ac
-from megatrain.parallel.dims import World, all_reduce_sum, init_world, shutdown
+from megatrain.parallel import parallelize
+from megatrain.parallel.dims import BatchPlan, World, all_reduce_sum, init_world, shutdown
 from megatrain.parallel.launcher_env import export_rank_env
 from megatrain.parallel.zero import wrap
 from megatrain.plots import save_loss_plot
@@ -39,8 +39,9 @@ Data = ShardSet | dict[str, PackedDataset]  # question/answer shards, or a pretr
 
 def preflight(cfg: Config, world_size: int, resume: bool) -> Data:
     """Every check that can fail on the user's input, before any process group, engine or file is made."""
-    validate(cfg, world_size)
+    dims = validate(cfg, world_size)
     data = open_mixture(cfg.data.sources, cfg.model.max_seq_len) if cfg.data.sources else ShardSet(cfg.data.shards)
+    parallelize.check(cfg, family(cfg.model.family), model_ids(data)[1].vocab_size, dims)
     run = RunDir(cfg.run.dir)
     has_checkpoint = run.has_checkpoint()
     if resume and has_checkpoint:
@@ -122,22 +123,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def model_ids(data: Data) -> tuple[Path, int, int, int | None, int]:
-    """(tokenizer path, vocab size, pad, bos, eos) that the model and its HF export take."""
+def model_ids(data: Data) -> tuple[Path, TokenIds]:
+    """The tokenizer's path and the ids that the model and its HF export take."""
     if isinstance(data, ShardSet):
         tokenizer = Tokenizer(data.tokenizer_path)
-        return data.tokenizer_path, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id
+        return data.tokenizer_path, TokenIds(tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id,
+                                             tokenizer.eos_id)
     first = data[sorted(data)[0]]  # open_mixture checked that every source shares the tokenizer
-    return first.tokenizer_path, first.vocab_size, first.pad_id, first.manifest.get("bos_id"), first.eos_id
+    return first.tokenizer_path, TokenIds(first.vocab_size, first.pad_id, first.manifest.get("bos_id"), first.eos_id)
 
 
-def make_loader(cfg: Config, data: Data, world: World, accumulation: int, skipped: list[str]):
-    global_batch = cfg.train.micro_batch_size * world.world_size * accumulation
+def make_loader(cfg: Config, data: Data, world: World, plan: BatchPlan, skipped: list[str]):
+    """The rank's loader: ranks of one tensor-parallel group read the same batches (their DP rank's)."""
     if isinstance(data, ShardSet):
-        return QALoader(data, cfg.run.seed, world.rank, world.world_size, cfg.train.micro_batch_size,
-                        cfg.model.max_seq_len, cfg.data.num_workers, global_batch)
-    return MixtureLoader(data, {n: s.weight for n, s in cfg.data.sources.items()}, cfg.run.seed, world.rank,
-                         world.world_size, cfg.train.micro_batch_size, global_batch, cfg.data.mixture_window,
+        return QALoader(data, cfg.run.seed, world.dp_rank, world.dp_size, plan.micro_batch_size,
+                        cfg.model.max_seq_len, cfg.data.num_workers, plan.global_batch_size)
+    return MixtureLoader(data, {n: s.weight for n, s in cfg.data.sources.items()}, cfg.run.seed, world.dp_rank,
+                         world.dp_size, plan.micro_batch_size, plan.global_batch_size, cfg.data.mixture_window,
                          cfg.data.attention_reset, cfg.data.num_workers, skipped)
 
 
@@ -152,6 +154,8 @@ class StepResult:
     source_loss: list[float]
     """Per data source (the loader's source_names): summed token loss and, below, label tokens."""
     source_tokens: list[float]
+    parts: dict[str, float] = dataclasses.field(default_factory=dict)
+    """The loss's named parts (the family's ModelOutput.parts), averaged over the micro-batches."""
 
 
 def fetch(loader, accumulation: int) -> tuple[list[dict], str | None]:
@@ -169,38 +173,40 @@ def fetch(loader, accumulation: int) -> tuple[list[dict], str | None]:
 
 @torch.no_grad()
 def loss_by_source(logits: torch.Tensor, labels: torch.Tensor, source: torch.Tensor,
-                   num_sources: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token loss and label-token count per source, from a batch's logits (B, T, V)."""
+                   num_sources: int, split_vocab: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token loss and label-token count per source, from a batch's logits (B, T, V); with
+    split_vocab, V is this tensor-parallel rank's slice of the vocabulary."""
     shifted = labels[:, 1:]  # position t predicts token t+1, as the model's own loss
-    token_loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted,
-                                                   ignore_index=IGNORE_INDEX, reduction="none")  # (B, T-1)
+    token_loss = parallelize.token_cross_entropy(logits[:, :-1].float(), shifted, IGNORE_INDEX,
+                                                 split_vocab)  # (B, T-1)
     counted = (shifted != IGNORE_INDEX).float()
     zeros = torch.zeros(num_sources, dtype=torch.float64)
     return (zeros.index_add(0, source, (token_loss * counted).sum(1).double().cpu()),
             zeros.index_add(0, source, counted.sum(1).double().cpu()))
 
 
-def train_step(engine, batches: list[dict], num_sources: int = 1) -> StepResult:
+def train_step(engine, batches: list[dict], num_sources: int, model_family: ModelFamily) -> StepResult:
     """One optimizer step over the micro-batches given; DeepSpeed steps on the last one."""
-    loss_sum, tokens = 0.0, 0
+    loss_sum, tokens, parts = 0.0, 0, {}
     source_loss = torch.zeros(num_sources, dtype=torch.float64)
     source_tokens = torch.zeros(num_sources, dtype=torch.float64)
+    split_vocab = parallelize.vocab_parallel(engine.module)
     for batch in batches:
-        real = batch.pop("real_tokens") if "real_tokens" in batch else batch["attention_mask"].sum()
+        real = batch.pop("real_tokens")
         source = batch.pop("source", None)
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        # No KV cache in training: it costs memory, and with one transformers ignores the position
-        # ids that reset attention at document boundaries (find_packed_sequence_indices).
-        out = engine(**batch, use_cache=False)
+        out = model_family.forward(engine, batch)
         engine.backward(out.loss)
         engine.step()
         loss_sum += out.loss.item()
+        for name, value in out.parts.items():
+            parts[name] = parts.get(name, 0.0) + value.item() / len(batches)
         tokens += int(real.sum())
         if source is not None:
-            parts = loss_by_source(out.logits.detach(), batch["labels"], source, num_sources)
-            source_loss += parts[0]
-            source_tokens += parts[1]
-    return StepResult(loss_sum / len(batches), tokens, source_loss.tolist(), source_tokens.tolist())
+            by_source = loss_by_source(out.logits.detach(), batch["labels"], source, num_sources, split_vocab)
+            source_loss += by_source[0]
+            source_tokens += by_source[1]
+    return StepResult(loss_sum / len(batches), tokens, source_loss.tolist(), source_tokens.tolist(), parts)
 
 
 def stop_or_fail(stop: StopRequest, data_error: str | None, world: World) -> tuple[bool, str | None]:
@@ -235,31 +241,31 @@ def train(cfg: Config, resume: bool = False, stop: StopRequest | None = None) ->
         with StopRequest() as stop:
             return train(cfg, resume, stop)
     data = preflight(cfg, export_rank_env(), resume)
-    world = init_world()
+    world = init_world(cfg.parallel.tp_degree)
     cfg, precision_note = resolve_precision(cfg, world, resume)
     skipped = []
     if cfg.data.verify:
         data, skipped = verify_data(data, world, cfg.data.on_bad_shard)
     seed_everything(cfg.run.seed)
-    tokenizer_path, vocab_size, pad_id, bos_id, eos_id = model_ids(data)
+    tokenizer_path, ids = model_ids(data)
     run = RunDir(cfg.run.dir)
     if world.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.config, precision_note)
         run.done.unlink(missing_ok=True)  # continued past its old end: not done any more
 
-    model = build_model(cfg.model, vocab_size, pad_id, bos_id, eos_id, world.device_type)
-    apply_ac(model, cfg.parallel.activation_checkpointing)
-    optimizer = build_optimizer(model, cfg)
+    model_family = family(cfg.model.family)
+    model = parallelize.parallelize(model_family.build(cfg.model, ids, world.device_type), cfg, world.dims)
+    flops = model_family.flops_per_token(cfg.model, model)  # of the whole model, before any split
+    optimizer = build_optimizer(model_family.param_groups(model, cfg.optim.weight_decay), cfg)
     checkpointer = Checkpointer(cfg, world, tokenizer_path, precision_note)
     universal = resume and checkpointer.prepare_resume()  # resuming on another number of ranks
-    engine = wrap(model, optimizer, build_scheduler(optimizer, cfg), cfg, world.world_size, universal)
-    accumulation = gradient_accumulation_steps(cfg, world.world_size)
-    loader = make_loader(cfg, data, world, accumulation, skipped)
+    engine = wrap(model, optimizer, build_scheduler(optimizer, cfg), cfg, world.dims, universal)
+    plan = batch_plan(cfg, world.dims)
+    loader = make_loader(cfg, data, world, plan, skipped)
     start = checkpointer.load(engine, loader) if resume else 0
 
-    metrics = Metrics(cfg.run.dir, cfg.log.interval, world, cfg.train.steps, start,
-                      flops_per_token(cfg.model, num_params(model), cfg.model.max_seq_len),
+    metrics = Metrics(cfg.run.dir, cfg.log.interval, world, cfg.train.steps, start, flops,
                       peak_flops(world.device_type, cfg.precision), cfg.log.tensorboard, cfg.log.progress,
                       counters=loader.metrics, source_names=loader.source_names,
                       restarts=int(os.environ.get("SLURM_RESTART_COUNT", 0)))  # SLURM's count of requeues
@@ -270,7 +276,7 @@ def train(cfg: Config, resume: bool = False, stop: StopRequest | None = None) ->
     try:
         for step in range(start + 1, last + 1):
             position = copy.deepcopy(loader.state_dict())  # where the data stands after step - 1
-            batches, data_error = fetch(loader, accumulation)
+            batches, data_error = fetch(loader, plan.accumulation)
             stopping, failure = stop_or_fail(stop, data_error, world)
             if stopping:  # a checkpoint at the boundary before this step, unless one is there
                 if step - 1 > saved:
@@ -283,7 +289,7 @@ def train(cfg: Config, resume: bool = False, stop: StopRequest | None = None) ->
                 metrics.close()
                 shutdown()
                 return {"stopped_at": step - 1, "signal": stop.signal_name or "a signal on another rank"}
-            result = train_step(engine, batches, len(loader.source_names))
+            result = train_step(engine, batches, len(loader.source_names), model_family)
             metrics.step(step, result, engine.get_lr()[0], evaluator.maybe_run(step))
             if checkpointer.due(step, last):
                 checkpointer.save(step, engine, loader.state_dict())

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from megatrain.config import Config, gradient_accumulation_steps, load_config, parse_overrides, validate
+from megatrain.config import Config, batch_plan, load_config, parse_overrides, validate
 from megatrain.errors import ConfigError
+from megatrain.parallel.dims import ParallelDims
 from megatrain.parallel.zero import deepspeed_config
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("**/*.yaml"))
@@ -15,7 +16,7 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("**/*.yaml"))
 def test_every_recipe_loads_and_validates(path):
     cfg = load_config(path)
     validate(cfg, world_size=2)
-    ds = deepspeed_config(cfg, 2)
+    ds = deepspeed_config(cfg, ParallelDims(2))
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
 
 
@@ -64,7 +65,7 @@ def test_float_accepts_int_and_exponent_strings():
 
 def test_batch_arithmetic_vs_world_size():
     cfg = load_config(None, ["--train.micro_batch_size=4", "--train.global_batch_size=24"])
-    assert gradient_accumulation_steps(cfg, 2) == 3
+    assert batch_plan(cfg, ParallelDims(2)).accumulation == 3
     with pytest.raises(ConfigError, match="does not divide.*multiple of 16"):
         validate(cfg, world_size=4)
 
@@ -86,7 +87,7 @@ def test_deepspeed_config_is_derived():
     cfg = load_config(None, ["--parallel.zero_stage=3", "--parallel.offload_optimizer=true",
                              "--parallel.offload_params=true", "--precision=bf16", "--train.grad_clip=0",
                              "--train.micro_batch_size=2", "--train.global_batch_size=8"])
-    ds = deepspeed_config(cfg, 2)
+    ds = deepspeed_config(cfg, ParallelDims(2))
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
@@ -98,3 +99,23 @@ def test_override_syntax_errors():
     with pytest.raises(ConfigError, match="overrides look like"):
         parse_overrides(["train.steps=3"])
     assert parse_overrides(["--train.steps", "3"]) == {"train": {"steps": 3}}
+
+
+def test_tensor_parallel_batch_plan_counts_data_parallel_ranks():
+    """4 ranks at tp_degree=2 are 2 data-parallel replicas: the batch divides over 2, not 4."""
+    cfg = load_config(None, ["--parallel.tp_degree=2", "--train.micro_batch_size=4", "--train.global_batch_size=24"])
+    dims = validate(cfg, world_size=4)
+    assert (dims.dp, dims.tp, dims.dp_rank(3), dims.tp_rank(3)) == (2, 2, 1, 1)
+    assert batch_plan(cfg, dims).accumulation == 3
+    ds = deepspeed_config(cfg, dims)
+    assert ds["tensor_parallel"] == {"autotp_size": 2} and ds["train_batch_size"] == 24
+    assert "tensor_parallel" not in deepspeed_config(load_config(None, []), ParallelDims(2))
+
+
+@pytest.mark.parametrize("world_size, tp, message", [
+    (3, 2, "tp_degree=2 does not divide the world size 3"),
+    (2, 0, "tp_degree=0 does not divide the world size 2"),
+])
+def test_tp_degree_must_divide_the_world(world_size, tp, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(load_config(None, [f"--parallel.tp_degree={tp}"]), world_size=world_size)

@@ -40,7 +40,8 @@ def qa_example(question: np.ndarray, answer: np.ndarray, ids: dict, max_seq_len:
 def collate(examples: list[tuple[list, int]], pad_id: int, sources: list[int] | None = None) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; labels only on the answer and its <eos>.
 
-    `sources` (each example's subset index) comes back as `source` (B,) for per-subset loss.
+    `real_tokens` (B,) counts each row's unpadded tokens (as packed rows report theirs). `sources`
+    (each example's subset index) comes back as `source` (B,) for per-subset loss.
     """
     width = max(len(t) for t, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (B, T)
@@ -51,7 +52,8 @@ def collate(examples: list[tuple[list, int]], pad_id: int, sources: list[int] | 
         input_ids[row, : len(t)] = t
         labels[row, answer_start: len(t)] = t[answer_start:]
         attention_mask[row, : len(t)] = 1
-    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+             "real_tokens": attention_mask.sum(1)}
     if sources is not None:
         batch["source"] = torch.tensor(sources, dtype=torch.long)
     return batch

@@ -1,0 +1,100 @@
+"""Model families: single-device `nn.Module`s and everything the trainer needs to know about them.
+
+The trainer never names a model class. It asks the family (`family(cfg.model.family)`) to build the
+model, to say which config fields fix parameter shapes, how many FLOPs a token costs, whether and
+how tensor parallelism may split it, how to run a batch into a loss (with named parts, e.g. an MoE
+auxiliary loss), how to group parameters for the optimizer, and how to read and write a Hugging Face
+folder. Parallelism is applied afterwards (megatrain/parallel/parallelize.py), ZeRO last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from megatrain.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """What a model takes from its tokenizer."""
+
+    vocab_size: int
+    pad_id: int
+    bos_id: int | None
+    eos_id: int
+
+
+@dataclass
+class ModelOutput:
+    """One forward over a batch: the loss to backpropagate, its named parts, and the logits."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Named terms of `loss` worth logging on their own (an MoE aux loss, a seq2seq loss split)."""
+
+
+class ModelFamily:
+    """The interface every family implements; defaults fit a Hugging Face causal LM."""
+
+    name: str = ""
+    shape_fields: tuple[str, ...] = ()
+    """ModelConfig fields that fix parameter shapes: a checkpoint with other values cannot be loaded."""
+    tp_plan: dict[str, str] | None = None
+    """Module name patterns -> how AutoTP splits them (colwise / rowwise); None: no tensor parallelism."""
+
+    def build(self, cfg, ids: TokenIds, device_type: str = "cpu") -> torch.nn.Module:
+        raise NotImplementedError
+
+    def load_hf(self, path: str | Path, device_type: str = "cpu") -> torch.nn.Module:
+        """A model from a local `save_pretrained` folder, in fp32."""
+        raise NotImplementedError
+
+    def save_hf(self, model: torch.nn.Module, out_dir: Path, state_dict: dict | None = None) -> None:
+        """`model` as a `save_pretrained` folder; `state_dict` (whole, unsharded) replaces its own tensors."""
+        model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+
+    def flops_per_token(self, cfg, model: torch.nn.Module) -> float:
+        """Training FLOPs per token from the *active* parameters (an MoE counts the experts a token uses)."""
+        raise NotImplementedError
+
+    def check_tp(self, cfg, vocab_size: int, tp_degree: int) -> None:
+        """Refuse, with one line, a tp_degree this model cannot be split by."""
+        if tp_degree > 1 and self.tp_plan is None:
+            raise ConfigError(f"parallel.tp_degree={tp_degree}: model.family={self.name} has no tensor-parallel "
+                              "plan; train it with parallel.tp_degree=1 (ZeRO shards it instead)")
+
+    def forward(self, model: torch.nn.Module, batch: dict) -> ModelOutput:
+        # No KV cache in training: it costs memory, and with one transformers ignores the position
+        # ids that reset attention at document boundaries (find_packed_sequence_indices).
+        out = model(**batch, use_cache=False)
+        return ModelOutput(out.loss, out.logits)
+
+    def param_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict]:
+        """Weight decay on matrices only, not on norms and biases (as nanoGPT)."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def num_params(model: torch.nn.Module, exclude_embeddings: bool = True) -> int:
+    n = sum(p.numel() for p in model.parameters())
+    if exclude_embeddings:
+        n -= model.get_input_embeddings().weight.numel()
+    return n
+
+
+def families() -> dict[str, ModelFamily]:
+    from megatrain.model.llama import LlamaFamily
+
+    return {f.name: f for f in (LlamaFamily(),)}
+
+
+def family(name: str) -> ModelFamily:
+    known = families()
+    if name not in known:
+        raise ConfigError(f"model.family={name!r}: known families are {', '.join(sorted(known))}")
+    return known[name]

@@ -14,6 +14,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from megatrain.config import ModelConfig
+from megatrain.errors import ConfigError
+from megatrain.model import ModelFamily, TokenIds, num_params
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +65,33 @@ def build_model(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos
     return LlamaForCausalLM(config)
 
 
-def num_params(model: torch.nn.Module, exclude_embeddings: bool = True) -> int:
-    n = sum(p.numel() for p in model.parameters())
-    if exclude_embeddings:
-        n -= model.get_input_embeddings().weight.numel()
-    return n
-
-
 def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the matmuls plus 12*L*H*T for attention (PaLM appendix B)."""
     return 6 * n_params + 12 * cfg.num_layers * cfg.hidden_size * seq_len
+
+
+class LlamaFamily(ModelFamily):
+    name = "llama"
+    shape_fields = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "tie_embeddings")
+    # transformers' own plan (q/k/v/gate/up column-wise, o/down row-wise), which DeepSpeed's AutoTP
+    # applies when the model carries it (engine._apply_autotp_partitioning: HF tp_plan).
+    tp_plan = dict(LlamaConfig.base_model_tp_plan)
+
+    def build(self, cfg: ModelConfig, ids: TokenIds, device_type: str = "cpu") -> LlamaForCausalLM:
+        return build_model(cfg, ids.vocab_size, ids.pad_id, ids.bos_id, ids.eos_id, device_type)
+
+    def load_hf(self, path, device_type: str = "cpu") -> LlamaForCausalLM:
+        return LlamaForCausalLM.from_pretrained(path, attn_implementation=pick_attention("auto", device_type),
+                                                dtype=torch.float32)
+
+    def flops_per_token(self, cfg: ModelConfig, model: torch.nn.Module) -> float:
+        return flops_per_token(cfg, num_params(model), cfg.max_seq_len)
+
+    def check_tp(self, cfg: ModelConfig, vocab_size: int, tp_degree: int) -> None:
+        kv = cfg.num_kv_heads or cfg.num_heads
+        for what, n in (("model.num_heads", cfg.num_heads), ("model.num_kv_heads", kv),
+                        ("model.intermediate_size", cfg.intermediate_size), ("the vocabulary size", vocab_size)):
+            if n % tp_degree:
+                # Heads and the MLP are split column-wise, the LM head by vocabulary rows.
+                raise ConfigError(f"parallel.tp_degree={tp_degree} does not divide {what} ({n}); "
+                                  f"use a tp_degree that divides it")

@@ -1,4 +1,9 @@
-"""The process world: who am I, how many are we, and the process group between us.
+"""The process world and how it is split: who am I, how many are we, which ranks share what.
+
+`ParallelDims` splits the world into data-parallel (dp) x tensor-parallel (tp) ranks, in DeepSpeed
+0.19.8's layout: a TP group is `tp` contiguous ranks, a DP group the ranks `tp` apart
+(deepspeed/utils/groups.py `_init_tp_mesh_device`). `BatchPlan` is the one place batch arithmetic
+is done; config validation, the loader, the DeepSpeed JSON and the metrics all read it.
 
 Every launcher (megatrain's own `--nproc`, torchrun, the deepspeed launcher, SLURM through
 launch/) ends in the same place: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the
@@ -16,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatrain.errors import ConfigError
+
 # DeepSpeed 0.19.8 calls this deprecated torch collective itself; the warning is not the user's to act on.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated", category=FutureWarning)
 
@@ -24,15 +31,90 @@ os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else
 
 
 @dataclass(frozen=True)
+class ParallelDims:
+    """How many ranks hold each slice: world_size = dp x tp (expert parallelism will borrow from dp)."""
+
+    world_size: int
+    tp: int = 1
+
+    def __post_init__(self):
+        if self.world_size < 1:
+            raise ConfigError(f"world size {self.world_size}: need at least one rank")
+        if self.tp < 1 or self.world_size % self.tp:
+            raise ConfigError(f"parallel.tp_degree={self.tp} does not divide the world size {self.world_size}; "
+                              f"use a tp_degree that divides {self.world_size}, or start a multiple of "
+                              f"{self.tp} ranks")
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // self.tp
+
+    def dp_rank(self, rank: int) -> int:
+        """The data-parallel rank: every rank of one TP group reads the same batches."""
+        return rank // self.tp
+
+    def tp_rank(self, rank: int) -> int:
+        return rank % self.tp
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """global batch = micro batch x accumulation x data-parallel ranks (gpt-neox's check_batch_parameters)."""
+
+    micro_batch_size: int
+    accumulation: int
+    dp: int
+
+    @classmethod
+    def of(cls, micro_batch_size: int, global_batch_size: int, dp: int) -> BatchPlan:
+        """From train.micro_batch_size and train.global_batch_size (0: one micro batch per DP rank)."""
+        per_step = micro_batch_size * dp
+        global_batch = global_batch_size or per_step
+        if global_batch % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={global_batch} does not divide by train.micro_batch_size="
+                f"{micro_batch_size} x {dp} data-parallel ranks = {per_step}; "
+                f"set train.global_batch_size to a multiple of {per_step}")
+        return cls(micro_batch_size, global_batch // per_step, dp)
+
+    @property
+    def per_dp_rank(self) -> int:
+        """Samples one data-parallel rank reads per optimizer step."""
+        return self.micro_batch_size * self.accumulation
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.per_dp_rank * self.dp
+
+
+@dataclass(frozen=True)
 class World:
     rank: int
     local_rank: int
     world_size: int
     device_type: str
+    tp: int = 1
+    """Tensor-parallel degree: ranks [k*tp, (k+1)*tp) form one TP group."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dims(self) -> ParallelDims:
+        return ParallelDims(self.world_size, self.tp)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dims.dp_rank(self.rank)
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.dp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.dims.tp_rank(self.rank)
 
 
 def free_port() -> int:
@@ -45,8 +127,9 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def init_world() -> World:
-    """Join (or, alone, create) the default process group through DeepSpeed's comm layer.
+def init_world(tp: int = 1) -> World:
+    """Join (or, alone, create) the default process group through DeepSpeed's comm layer, and with
+    tp > 1 the tensor- and data-parallel groups (DeepSpeed's `groups`, which the engine then uses).
 
     gloo on CPU (DeepSpeed's CPU accelerator would ask for oneCCL, which is not installed), NCCL
     on GPUs.
@@ -65,8 +148,24 @@ def init_world() -> World:
         # first line is megatrain's own (which precision, and why).
         with contextlib.redirect_stdout(io.StringIO()):
             deepspeed.init_distributed(dist_backend="nccl" if dev == "cuda" else "gloo", verbose=False)
-    return World(rank=torch.distributed.get_rank(), local_rank=local_rank,
-                 world_size=torch.distributed.get_world_size(), device_type=dev)
+    world = World(rank=torch.distributed.get_rank(), local_rank=local_rank,
+                  world_size=torch.distributed.get_world_size(), device_type=dev, tp=tp)
+    world.dims  # noqa: B018  (checks tp against the world the launcher really started)
+    if tp > 1:
+        tensor_parallel_groups(tp)
+    return world
+
+
+def tensor_parallel_groups(tp: int):
+    """DeepSpeed's `groups` module with its TP/DP mesh made: passed to deepspeed.initialize as the mpu.
+
+    Made before the engine so that DeepSpeed reads the data-parallel size (not the world size) in
+    every batch check; the engine reuses the mesh it finds (a second call is a no-op).
+    """
+    from deepspeed.utils import groups
+
+    groups._init_tp_mesh_device(tensor_model_parallel_size=tp)
+    return groups
 
 
 def shutdown() -> None:

@@ -6,17 +6,18 @@ import contextlib
 
 import torch
 
-from megatrain.config import Config, gradient_accumulation_steps
+from megatrain.config import Config, batch_plan
+from megatrain.parallel.dims import ParallelDims, tensor_parallel_groups
 
 
-def deepspeed_config(cfg: Config, dp_world_size: int, load_universal: bool = False) -> dict:
+def deepspeed_config(cfg: Config, dims: ParallelDims, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON for `cfg`, derived, never written by hand (as gpt-neox does).
 
     Args:
         load_universal: The checkpoint to resume is a DeepSpeed universal checkpoint (written for
             another number of data-parallel ranks, see Checkpointer.prepare_resume).
     """
-    accumulation = gradient_accumulation_steps(cfg, dp_world_size)
+    plan = batch_plan(cfg, dims)
     p = cfg.parallel
     zero: dict = {"stage": p.zero_stage}
     if p.offload_optimizer:
@@ -26,10 +27,12 @@ def deepspeed_config(cfg: Config, dp_world_size: int, load_universal: bool = Fal
     if p.zero_stage == 3:
         # Gather full weights on save so checkpoints export to HF without a consolidation pass.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
-        "train_batch_size": cfg.train.micro_batch_size * accumulation * dp_world_size,
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": accumulation,
+    ds = {
+        # Counted over data-parallel ranks: wrap() hands DeepSpeed the TP/DP groups, so its batch check
+        # divides out the tensor-parallel ranks (which read the same batches).
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.accumulation,
         # Explicit: DeepSpeed 0.19.8 clips at 1.0 when the key is absent.
         "gradient_clipping": cfg.train.grad_clip,
         "zero_optimization": zero,
@@ -41,10 +44,13 @@ def deepspeed_config(cfg: Config, dp_world_size: int, load_universal: bool = Fal
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
     }
+    if dims.tp > 1:
+        ds["tensor_parallel"] = {"autotp_size": dims.tp}
+    return ds
 
 
 def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler, cfg: Config,
-         dp_world_size: int, load_universal: bool = False):
+         dims: ParallelDims, load_universal: bool = False):
     """Wrap the model in a DeepSpeed engine (ZeRO sharding, bf16 master weights, accumulation, clipping).
 
     Returns:
@@ -53,7 +59,8 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler,
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                           config=deepspeed_config(cfg, dp_world_size, load_universal))
+                                           config=deepspeed_config(cfg, dims, load_universal),
+                                           mpu=tensor_parallel_groups(dims.tp) if dims.tp > 1 else None)
     return engine
 
 

@@ -1,0 +1,179 @@
+"""Question/answer exact match: the first evaluation task.
+
+Three numbers per module and overall:
+- `exact_match`: greedy generation after `<bos> question <sep>`, compared with the gold answer
+  after stripping whitespace. The headline.
+- `numeric_match`: the generated and gold answers parse to the same rational (`2/4` == `1/2`).
+- `teacher_forced_exact_match`: the gold answer is fed in and the argmax at every answer position
+  is decoded and compared as a string. This is what CyberSolve-LinAlg reports as "exact match"
+  (../shared/notes/data.md), printed beside ours so results compare with theirs.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+from megatrain.config import Config
+from megatrain.data.loader import collate, qa_example
+from megatrain.data.released import read_split
+from megatrain.data.tokenizer import Tokenizer
+from megatrain.parallel.dims import World, all_reduce_sum
+from megatrain.parallel.parallelize import whole_logits
+from megatrain.parallel.zero import gathered_params
+
+HEADLINE = ("exact_match", "numeric_match", "teacher_forced_exact_match")
+
+
+def normalize(answer: str) -> str:
+    return "".join(answer.split())
+
+
+def as_rational(text: str) -> Fraction | None:
+    try:
+        return Fraction(normalize(text))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def score(prediction: str, gold: str) -> tuple[bool, bool]:
+    """(exact, numeric) match of one prediction."""
+    exact = normalize(prediction) == normalize(gold)
+    gold_value = as_rational(gold)
+    numeric = exact or (gold_value is not None and as_rational(prediction) == gold_value)
+    return exact, numeric
+
+
+def summarize(counts: dict[str, list[float]]) -> dict:
+    """counts: module -> [n, exact, numeric, teacher_forced] to fractions per module and overall."""
+    def rates(n, exact, numeric, forced):
+        return {"n": int(n), "exact_match": exact / max(n, 1), "numeric_match": numeric / max(n, 1),
+                "teacher_forced_exact_match": forced / max(n, 1)}
+    total = [sum(c[i] for c in counts.values()) for i in range(4)]
+    return {**rates(*total), "modules": {m: rates(*c) for m, c in sorted(counts.items())}}
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer: Tokenizer, questions: list[str], max_new_tokens: int,
+                     max_seq_len: int) -> list[str]:
+    """Greedy answers for a batch of questions (left-padded so every row generates from its end)."""
+    device = next(model.parameters()).device
+    prompts = [[tokenizer.bos_id, *tokenizer.encode(q)[-(max_seq_len - max_new_tokens - 2):], tokenizer.sep_id]
+               for q in questions]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), tokenizer.pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+        attention_mask[row, width - len(prompt):] = 1
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_id,
+                         pad_token_id=tokenizer.pad_id)
+    answers = []
+    for row in out[:, width:].tolist():
+        if tokenizer.eos_id in row:
+            row = row[: row.index(tokenizer.eos_id)]
+        answers.append(tokenizer.decode(row))
+    return answers
+
+
+@torch.no_grad()
+def teacher_forced(model, tokenizer: Tokenizer, pairs: list[tuple[str, str]], max_seq_len: int) -> list[bool]:
+    ids = {"bos": tokenizer.bos_id, "sep": tokenizer.sep_id, "eos": tokenizer.eos_id}
+    examples = [qa_example(torch.tensor(tokenizer.encode(q)), torch.tensor(tokenizer.encode(a)), ids, max_seq_len)
+                for q, a in pairs]
+    batch = collate(examples, tokenizer.pad_id)
+    device = next(model.parameters()).device
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    predicted = logits.argmax(-1).cpu()  # (B, T): position t predicts token t+1
+    results = []
+    for row, ((tokens, start), (_, gold)) in enumerate(zip(examples, pairs)):
+        answer_positions = range(start - 1, len(tokens) - 2)  # the answer's tokens, not its <eos>
+        results.append(normalize(tokenizer.decode(predicted[row, answer_positions].tolist())) == normalize(gold))
+    return results
+
+
+def load_problems(cfg: Config, limit: int) -> list[tuple[str, str, str]]:
+    """(module, question, answer): the first `limit` problems of each of data.eval_modules."""
+    return [(module, q, a) for module in cfg.data.eval_modules
+            for q, a in read_split(cfg.data.eval_released, module, [cfg.data.eval_split])[:limit]]
+
+
+def evaluate(model, tokenizer: Tokenizer, problems: list[tuple[str, str, str]], world: World, batch_size: int,
+             max_new_tokens: int, max_seq_len: int, examples: int = 0) -> dict:
+    """Score (module, question, answer) problems; each rank takes a strided share, counts are summed.
+
+    Every rank must call this (the final sum is a collective). Under ZeRO-3 the parameters are
+    gathered for the duration so that ranks can generate different numbers of tokens.
+
+    Args:
+        examples: keep this many (question, answer, gold) per module from rank 0's share, as
+            result["examples"][module] (on rank 0 only).
+    """
+    was_training = model.training
+    model.eval()
+    counts: dict[str, list[float]] = {m: [0.0] * 4 for m in sorted({p[0] for p in problems})}
+    mine = problems[world.dp_rank::world.dp_size]  # a tensor-parallel group decodes its share together
+    shown: dict[str, list[dict]] = {m: [] for m in counts} if examples and world.is_main else {}
+    with gathered_params(model), whole_logits(model):
+        for i in range(0, len(mine), batch_size):
+            chunk = mine[i: i + batch_size]
+            predictions = generate_answers(model, tokenizer, [q for _, q, _ in chunk], max_new_tokens, max_seq_len)
+            forced = teacher_forced(model, tokenizer, [(q, a) for _, q, a in chunk], max_seq_len)
+            for (module, _, gold), prediction, forced_ok in zip(chunk, predictions, forced):
+                exact, numeric = score(prediction, gold)
+                c = counts[module]
+                c[0] += 1; c[1] += exact; c[2] += numeric; c[3] += forced_ok  # noqa: E702
+            for (module, question, gold), prediction in zip(chunk, predictions):
+                if module in shown and len(shown[module]) < examples:
+                    shown[module].append({"question": question, "answer": prediction, "gold": gold})
+    counted_here = 1.0 if world.tp_rank == 0 else 0.0  # a TP group scored its share once, not tp times
+    flat = all_reduce_sum([v * counted_here for m in counts for v in counts[m]])
+    counts = {m: flat[4 * i: 4 * i + 4] for i, m in enumerate(counts)}
+    model.train(was_training)
+    return {**summarize(counts), **({"examples": shown} if shown else {})}
+
+
+def format_report(summary: dict) -> str:
+    """Per-module table of the three metrics, then the kept examples beside their gold answers."""
+    rows = [(m, r) for m, r in summary["modules"].items()] + [("overall", summary)]
+    width = max(len(m) for m, _ in rows)
+    lines = [f"{'module':<{width}}  {'n':>5}  exact  numeric  teacher-forced"]
+    for module, r in rows:
+        lines.append(f"{module:<{width}}  {r['n']:>5}  {r['exact_match']:>5.1%}  {r['numeric_match']:>7.1%}  "
+                     f"{r['teacher_forced_exact_match']:>14.1%}")
+    for module, shown in summary.get("examples", {}).items():
+        lines.append(f"\n{module}:")
+        for e in shown:
+            mark = "ok" if normalize(e["answer"]) == normalize(e["gold"]) else "--"
+            lines.append(f"  [{mark}] {e['question']}\n       model: {e['answer']!r}   gold: {e['gold']!r}")
+    return "\n".join(lines)
+
+
+class QAExactMatch:
+    """The task as the evaluator runs it: problems from the released-format folder, scored on a model."""
+
+    name = "qa_exact_match"
+    headline = HEADLINE
+
+    def __init__(self, cfg: Config, tokenizer_path: Path):
+        self.cfg, self.tokenizer = cfg, Tokenizer(tokenizer_path)
+
+    def problems(self, limit: int) -> list[tuple[str, str, str]]:
+        return load_problems(self.cfg, limit)
+
+    def run(self, model, problems: list, world: World, examples: int = 0) -> dict:
+        e = self.cfg.eval
+        return evaluate(model, self.tokenizer, problems, world, e.batch_size, e.max_new_tokens,
+                        self.cfg.model.max_seq_len, examples)
+
+    def log_metrics(self, result: dict) -> dict:
+        """What an in-training eval adds to metrics.jsonl."""
+        out = {f"eval/{k}": result[k] for k in HEADLINE}
+        if len(result["modules"]) > 1:
+            out.update({f"eval/exact_match/{m}": r["exact_match"] for m, r in result["modules"].items()})
+        return out
+
+    report = staticmethod(format_report)

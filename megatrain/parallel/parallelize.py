@@ -1,0 +1,66 @@
+"""Parallelism applied to a built single-device model, in one fixed order: TP, (EP), activation
+checkpointing; ZeRO wraps last (zero.py).
+
+Tensor parallelism is DeepSpeed's AutoTP: the family's plan (for Llama, transformers' own
+`base_model_tp_plan`) is carried by the model, the DeepSpeed JSON asks for `autotp_size`, and
+`deepspeed.initialize` splits the layers before ZeRO partitions what each rank holds. So this module
+checks the layout up front and prepares everything that is not the split itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from megatrain.config import Config
+from megatrain.model import ModelFamily
+from megatrain.parallel.checkpointing import apply_ac
+from megatrain.parallel.dims import ParallelDims
+
+
+def check(cfg: Config, family: ModelFamily, vocab_size: int, dims: ParallelDims) -> None:
+    """Every layout the model or DeepSpeed cannot take, refused before any process group starts."""
+    # Measured with DeepSpeed 0.19.8 on gloo (2026-12-02): AutoTP trains with ZeRO 0-3, bf16, activation
+    # checkpointing, optimizer offload and (ZeRO-3) parameter offload, so only the model's own
+    # divisibility can refuse a tp_degree.
+    family.check_tp(cfg.model, vocab_size, dims.tp)
+
+
+def parallelize(model: torch.nn.Module, cfg: Config, dims: ParallelDims) -> torch.nn.Module:
+    """Prepare `model` for the engine: the TP split happens in deepspeed.initialize (see above)."""
+    apply_ac(model, cfg.parallel.activation_checkpointing)
+    return model
+
+
+def vocab_parallel(model: torch.nn.Module) -> bool:
+    """True when the LM head keeps rank-local logits (AutoTP splits a tied head by vocabulary rows and
+    patches the model's loss to a vocabulary-parallel cross entropy)."""
+    return any(getattr(m, "is_vocab_parallel_lm_head", False) for m in model.modules())
+
+
+@contextlib.contextmanager
+def whole_logits(model: torch.nn.Module):
+    """Within it the model returns logits over the whole vocabulary (gathered across the TP group), as
+    greedy decoding and argmax scoring need; training keeps them split."""
+    heads = [m for m in model.modules() if getattr(m, "is_vocab_parallel_lm_head", False)]
+    for head in heads:
+        head.gather_output = True
+    try:
+        yield model
+    finally:
+        for head in heads:
+            head.gather_output = False
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                        split_vocab: bool) -> torch.Tensor:
+    """Per-token cross entropy (no reduction), also of vocabulary-split logits (then a TP collective)."""
+    if split_vocab:
+        from deepspeed.sequence.cross_entropy import vocab_parallel_cross_entropy
+        from deepspeed.utils import groups
+
+        return vocab_parallel_cross_entropy(logits, targets, groups.get_tensor_model_parallel_group(),
+                                            ignore_index=ignore_index, reduction="none")
+    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=ignore_index,
+                                             reduction="none")
