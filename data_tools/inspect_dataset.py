@@ -135,7 +135,7 @@ def save_length_histogram(lengths: np.ndarray, png_path: str | Path, title: str)
     matplotlib.use("Agg")  # no display on build machines; must precede pyplot's import
     import matplotlib.pyplot as plt
 
-    from data_tools.outputs import atomic_binary_file
+    from megatrain.files import atomic_binary_file
 
     png_path = Path(png_path)
     low, high = max(int(lengths.min()), 1), max(int(lengths.max()), 2)

@@ -8,16 +8,13 @@ name. An existing destination is refused unless the caller passes `overwrite=Tru
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
-from typing import IO
 
 import zstandard
 
 from megatrain.errors import DataError
+from megatrain.files import atomic_binary_file
 
 JSONL_ZST_SUFFIX = ".jsonl.zst"
 _ZSTD_LEVEL = 3
@@ -44,28 +41,6 @@ def check_out_path(path: str | Path, overwrite: bool, flag: str = "--out") -> Pa
     if path.exists() and not overwrite:
         raise DataError(f"{flag} {path} already exists; pass --overwrite to replace it or choose another path")
     return path
-
-
-@contextmanager
-def atomic_binary_file(path: str | Path) -> Iterator[IO[bytes]]:
-    """Opens a temp file next to `path`; on success it replaces `path`, on error it is removed.
-
-    Args:
-        path: The final destination; its folder is created if missing.
-
-    Yields:
-        A binary file object to write to.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            yield file
-        os.replace(temp_name, path)
-    except BaseException:
-        os.unlink(temp_name)
-        raise
 
 
 def write_json(path: str | Path, data: dict) -> None:

@@ -16,7 +16,6 @@ checkpoint and `latest` as they were; stale `.tmp-*` folders are removed by the 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
 import shutil
@@ -30,6 +29,7 @@ import yaml
 
 from megatrain.config import Config, save_config
 from megatrain.errors import CheckpointError
+from megatrain.files import atomic_write_text
 from megatrain.model import ModelFamily, family
 from megatrain.parallel.dims import World, barrier
 from megatrain.parallel.zero import gathered_params
@@ -37,15 +37,6 @@ from megatrain.run_dir import RunDir
 
 CONFIG_NAME = "config.yaml"
 """The resolved config inside a checkpoint folder (the run folder's own copy: RunDir.config)."""
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
 
 def resolve(path: str | Path) -> Path:
     """A step folder, or a run folder / checkpoints folder (then its `latest`)."""
@@ -203,13 +194,13 @@ class Checkpointer:
         export_hf(engine, family(self.cfg.model.family), tmp / "hf", self.world, self.tokenizer_path)
         if self.world.is_main:
             save_config(self.cfg, tmp / CONFIG_NAME, self.config_comment)
-            _atomic_write(tmp / "trainer.json", json.dumps(trainer_state, indent=2))
+            atomic_write_text(tmp / "trainer.json", json.dumps(trainer_state, indent=2))
         barrier()  # every rank's files are in tmp before it becomes a checkpoint
         if self.world.is_main:
             if final.exists():  # an earlier attempt at this step (before a requeue): replace it whole
                 shutil.rmtree(final)
             tmp.rename(final)
-            _atomic_write(self.run.latest_file, final.name)
+            atomic_write_text(self.run.latest_file, final.name)
             self._prune()
         barrier()
         return final

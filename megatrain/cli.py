@@ -31,7 +31,7 @@ def _train(args, overrides: list[str]) -> int:
                   "continue with --resume (or --auto-resume)", file=sys.stderr)
         return 128 + 15
     if int(os.environ.get("RANK", 0)) == 0 and summary.get("n"):
-        from megatrain.evaluate import HEADLINE, format_report
+        from megatrain.eval.qa import HEADLINE, format_report
 
         print(format_report(summary))
         print(json.dumps({"n": summary["n"], **{k: summary[k] for k in HEADLINE}}))
@@ -54,7 +54,7 @@ def _load(checkpoint: str):
 
 def _eval(args, overrides: list[str]) -> int:
     from megatrain.config import apply_overrides
-    from megatrain.evaluate import evaluate, load_problems
+    from megatrain.eval.qa import evaluate, load_problems
     from megatrain.parallel.dims import World
 
     cfg, model, tokenizer = _load(args.checkpoint)
@@ -68,7 +68,7 @@ def _eval(args, overrides: list[str]) -> int:
 
 
 def _generate(args, overrides: list[str]) -> int:
-    from megatrain.evaluate import generate_answers
+    from megatrain.eval.qa import generate_answers
 
     if overrides:
         raise MegatrainError(f"generate takes no overrides, got {' '.join(overrides)}")

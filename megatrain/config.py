@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from megatrain.errors import ConfigError
+from megatrain.files import atomic_write_text
 from megatrain.parallel.dims import BatchPlan, ParallelDims
 
 
@@ -338,11 +339,8 @@ def save_config(cfg: Config, path: str | Path, comment: str = "") -> None:
     Args:
         comment: lines written above the values as YAML comments (e.g. why auto chose a precision).
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     header = "".join(f"# {line}\n" for line in comment.splitlines())
-    tmp.write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- cross-section checks

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from megatrain.files import atomic_binary_file
 from megatrain.run_dir import RunDir
 
 
@@ -46,9 +46,7 @@ def save_loss_plot(run_dir: Path) -> Path | None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = run.loss_plot
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_binary_file(run.loss_plot) as file:
+        fig.savefig(file, format="png")
     plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return run.loss_plot

@@ -7,7 +7,6 @@ import dataclasses
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,15 +14,12 @@ import torch
 from megatrain import precision
 from megatrain.checkpoint import Checkpointer, check_compatible, check_elastic, saved_config
 from megatrain.config import Config, batch_plan, save_config, validate
-from megatrain.data.loader import IGNORE_INDEX, QALoader
-from megatrain.data.mix_loader import MixtureLoader, open_mixture
-from megatrain.data.packed import PackedDataset
-from megatrain.data.shards import ShardSet
-from megatrain.data.tokenizer import Tokenizer
+from megatrain.data.loader import IGNORE_INDEX
+from megatrain.data.training_data import TrainingData, open_data
 from megatrain.errors import CheckpointError, DataError
-from megatrain.evaluate import Evaluator
+from megatrain.eval import Evaluator
 from megatrain.metrics import Metrics, peak_flops
-from megatrain.model import ModelFamily, TokenIds, family
+from megatrain.model import ModelFamily, family
 from megatrain.optim import build_optimizer, build_scheduler
 from megatrain.parallel import parallelize
 from megatrain.parallel.dims import BatchPlan, World, all_reduce_sum, init_world, shutdown
@@ -34,14 +30,11 @@ from megatrain.preemption import StopRequest
 from megatrain.run_dir import RunDir
 
 
-Data = ShardSet | dict[str, PackedDataset]  # question/answer shards, or a pretraining mixture
-
-
-def preflight(cfg: Config, world_size: int, resume: bool) -> Data:
+def preflight(cfg: Config, world_size: int, resume: bool) -> TrainingData:
     """Every check that can fail on the user's input, before any process group, engine or file is made."""
     dims = validate(cfg, world_size)
-    data = open_mixture(cfg.data.sources, cfg.model.max_seq_len) if cfg.data.sources else ShardSet(cfg.data.shards)
-    parallelize.check(cfg, family(cfg.model.family), model_ids(data)[1].vocab_size, dims)
+    data = open_data(cfg)
+    parallelize.check(cfg, family(cfg.model.family), data.ids.vocab_size, dims)
     run = RunDir(cfg.run.dir)
     has_checkpoint = run.has_checkpoint()
     if resume and has_checkpoint:
@@ -54,46 +47,6 @@ def preflight(cfg: Config, world_size: int, resume: bool) -> Data:
         raise CheckpointError(f"{cfg.run.dir} already has checkpoints; pass --resume to continue that run, "
                               "or set --run.dir to a new folder (nothing was overwritten)")
     return data
-
-
-def verify_data(data: Data, world: World, on_bad_shard: str) -> tuple[Data, list[str]]:
-    """Hash-check every shard, spread over the ranks; every rank gets the same verdict.
-
-    Returns:
-        The data to train on (bad shards left out under on_bad_shard=skip) and the skipped shards.
-    """
-    work = [None] if isinstance(data, ShardSet) else [(n, i) for n in sorted(data) for i in range(len(data[n].shards))]
-    found = []
-    for item in work[world.rank::world.world_size]:
-        try:
-            if item is None:
-                data.verify()
-            else:
-                if item[1] == 0:
-                    data[item[0]].verify_tokenizer()
-                found += [(item[0], *bad) for bad in data[item[0]].find_bad_shards([item[1]])]
-        except DataError as e:
-            found.append((None, str(e), "", ""))
-    everyone = [found]
-    if world.world_size > 1:
-        everyone = [None] * world.world_size
-        torch.distributed.all_gather_object(everyone, found)
-    bad = sorted(b for part in everyone for b in part)
-    fatal = [b for b in bad if b[0] is None]
-    if fatal:
-        raise DataError(fatal[0][1])
-    if bad and on_bad_shard == "error":
-        name, shard, expected, actual = bad[0]
-        raise DataError(f"shard {shard} of data.sources.{name} ({data[name].path}): sha256 mismatch (expected "
-                        f"{expected}, got {actual}); {len(bad)} bad shard(s) in all. Rebuild it with "
-                        "`megatrain-data build` (a rerun keeps intact shards), or set data.on_bad_shard=skip")
-    if not bad:
-        return data, []
-    skipped = [f"{name}/{shard}" for name, shard, _, _ in bad]
-    if world.is_main:
-        print(f"warning: skipping {len(bad)} shard(s) whose sha256 differs from the manifest: "
-              f"{', '.join(skipped)}", flush=True)
-    return {n: PackedDataset(d.path, exclude={s for m, s, _, _ in bad if m == n}) for n, d in data.items()}, skipped
 
 
 def resolve_precision(cfg: Config, world: World, resume: bool) -> tuple[Config, str]:
@@ -121,26 +74,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def model_ids(data: Data) -> tuple[Path, TokenIds]:
-    """The tokenizer's path and the ids that the model and its HF export take."""
-    if isinstance(data, ShardSet):
-        tokenizer = Tokenizer(data.tokenizer_path)
-        return data.tokenizer_path, TokenIds(tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id,
-                                             tokenizer.eos_id)
-    first = data[sorted(data)[0]]  # open_mixture checked that every source shares the tokenizer
-    return first.tokenizer_path, TokenIds(first.vocab_size, first.pad_id, first.manifest.get("bos_id"), first.eos_id)
-
-
-def make_loader(cfg: Config, data: Data, world: World, plan: BatchPlan, skipped: list[str]):
-    """The rank's loader: ranks of one tensor-parallel group read the same batches (their DP rank's)."""
-    if isinstance(data, ShardSet):
-        return QALoader(data, cfg.run.seed, world.dp_rank, world.dp_size, plan.micro_batch_size,
-                        cfg.model.max_seq_len, cfg.data.num_workers, plan.global_batch_size)
-    return MixtureLoader(data, {n: s.weight for n, s in cfg.data.sources.items()}, cfg.run.seed, world.dp_rank,
-                         world.dp_size, plan.micro_batch_size, plan.global_batch_size, cfg.data.mixture_window,
-                         cfg.data.attention_reset, cfg.data.num_workers, skipped)
 
 
 @dataclass
@@ -222,6 +155,75 @@ def stop_or_fail(stop: StopRequest, data_error: str | None, world: World) -> tup
     return True, f"rank {rank}: {errors[rank]}"
 
 
+@dataclass
+class Session:
+    """Everything the loop steps with; setup() builds it."""
+
+    cfg: Config
+    world: World
+    family: ModelFamily
+    engine: object
+    plan: BatchPlan
+    loader: object
+    checkpointer: Checkpointer
+    metrics: Metrics
+    evaluator: Evaluator
+    start: int
+    """The step the run continues after (0 for a fresh run)."""
+
+
+def setup(cfg: Config, resume: bool) -> Session:
+    """Check, join the world, verify the data, build model, engine, loader and collaborators, resume.
+
+    The order is fixed: single-device model, then parallelize (TP, activation checkpointing), then
+    the ZeRO engine, then the loader and the checkpoint that positions both.
+    """
+    data = preflight(cfg, export_rank_env(), resume)
+    world = init_world(cfg.parallel.tp_degree)
+    cfg, precision_note = resolve_precision(cfg, world, resume)
+    if cfg.data.verify:
+        data.verify(world)
+    seed_everything(cfg.run.seed)
+    run = RunDir(cfg.run.dir)
+    if world.is_main:
+        run.root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run.config, precision_note)
+        run.done.unlink(missing_ok=True)  # continued past its old end: not done any more
+
+    model_family = family(cfg.model.family)
+    model = parallelize.parallelize(model_family.build(cfg.model, data.ids, world.device_type), cfg, world.dims)
+    flops = model_family.flops_per_token(cfg.model, model)  # of the whole model, before any split
+    optimizer = build_optimizer(model_family.param_groups(model, cfg.optim.weight_decay), cfg)
+    checkpointer = Checkpointer(cfg, world, data.tokenizer_path, precision_note)
+    universal = resume and checkpointer.prepare_resume()  # resuming onto another layout
+    engine = wrap(model, optimizer, build_scheduler(optimizer, cfg), cfg, world.dims, universal)
+    plan = batch_plan(cfg, world.dims)
+    loader = data.loader(world, plan)
+    start = checkpointer.load(engine, loader) if resume else 0
+    metrics = Metrics(cfg.run.dir, cfg.log.interval, world, cfg.train.steps, start, flops,
+                      peak_flops(world.device_type, cfg.precision), cfg.log.tensorboard, cfg.log.progress,
+                      counters=loader.metrics, source_names=loader.source_names,
+                      restarts=int(os.environ.get("SLURM_RESTART_COUNT", 0)))  # SLURM's count of requeues
+    return Session(cfg, world, model_family, engine, plan, loader, checkpointer, metrics,
+                   Evaluator(cfg, engine, world, data.tokenizer_path), start)
+
+
+def stop_at_boundary(s: Session, step: int, saved: int, position: dict, failure: str | None,
+                     signal_name: str | None) -> dict:
+    """A checkpoint at the boundary after `step` (unless one is there), then out: DataError for a dead
+    DataLoader worker, else the stop summary (the CLI exits 143 and the scheduler requeues)."""
+    if step > saved:
+        s.checkpointer.save(step, s.engine, position)
+        saved = step
+    if failure:
+        where = (f"the run saved a checkpoint at step {step}: continue with --resume (or --auto-resume)"
+                 if saved else "no step had finished: start the run again")
+        raise DataError(f"a DataLoader worker died ({failure}); {where}")
+    s.metrics.close()
+    shutdown()
+    return {"stopped_at": step, "signal": signal_name or "a signal on another rank"}
+
+
 def train(cfg: Config, resume: bool = False, stop: StopRequest | None = None) -> dict:
     """Train cfg.train.steps optimizer steps (continuing a checkpoint with resume) and evaluate.
 
@@ -240,69 +242,30 @@ def train(cfg: Config, resume: bool = False, stop: StopRequest | None = None) ->
     if stop is None:
         with StopRequest() as stop:
             return train(cfg, resume, stop)
-    data = preflight(cfg, export_rank_env(), resume)
-    world = init_world(cfg.parallel.tp_degree)
-    cfg, precision_note = resolve_precision(cfg, world, resume)
-    skipped = []
-    if cfg.data.verify:
-        data, skipped = verify_data(data, world, cfg.data.on_bad_shard)
-    seed_everything(cfg.run.seed)
-    tokenizer_path, ids = model_ids(data)
-    run = RunDir(cfg.run.dir)
-    if world.is_main:
-        run.root.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run.config, precision_note)
-        run.done.unlink(missing_ok=True)  # continued past its old end: not done any more
-
-    model_family = family(cfg.model.family)
-    model = parallelize.parallelize(model_family.build(cfg.model, ids, world.device_type), cfg, world.dims)
-    flops = model_family.flops_per_token(cfg.model, model)  # of the whole model, before any split
-    optimizer = build_optimizer(model_family.param_groups(model, cfg.optim.weight_decay), cfg)
-    checkpointer = Checkpointer(cfg, world, tokenizer_path, precision_note)
-    universal = resume and checkpointer.prepare_resume()  # resuming on another number of ranks
-    engine = wrap(model, optimizer, build_scheduler(optimizer, cfg), cfg, world.dims, universal)
-    plan = batch_plan(cfg, world.dims)
-    loader = make_loader(cfg, data, world, plan, skipped)
-    start = checkpointer.load(engine, loader) if resume else 0
-
-    metrics = Metrics(cfg.run.dir, cfg.log.interval, world, cfg.train.steps, start, flops,
-                      peak_flops(world.device_type, cfg.precision), cfg.log.tensorboard, cfg.log.progress,
-                      counters=loader.metrics, source_names=loader.source_names,
-                      restarts=int(os.environ.get("SLURM_RESTART_COUNT", 0)))  # SLURM's count of requeues
-    evaluator = Evaluator(cfg, engine, world, tokenizer_path)
-
-    last = cfg.train.steps if not cfg.train.exit_interval else min(cfg.train.steps, start + cfg.train.exit_interval)
-    saved = start
+    s = setup(cfg, resume)
+    steps, exit_interval = s.cfg.train.steps, s.cfg.train.exit_interval
+    last = min(steps, s.start + exit_interval) if exit_interval else steps
+    saved = s.start
     try:
-        for step in range(start + 1, last + 1):
-            position = copy.deepcopy(loader.state_dict())  # where the data stands after step - 1
-            batches, data_error = fetch(loader, plan.accumulation)
-            stopping, failure = stop_or_fail(stop, data_error, world)
-            if stopping:  # a checkpoint at the boundary before this step, unless one is there
-                if step - 1 > saved:
-                    checkpointer.save(step - 1, engine, position)
-                    saved = step - 1
-                if failure:
-                    where = (f"the run saved a checkpoint at step {step - 1}: continue with --resume (or "
-                             "--auto-resume)") if saved else "no step had finished: start the run again"
-                    raise DataError(f"a DataLoader worker died ({failure}); {where}")
-                metrics.close()
-                shutdown()
-                return {"stopped_at": step - 1, "signal": stop.signal_name or "a signal on another rank"}
-            result = train_step(engine, batches, len(loader.source_names), model_family)
-            metrics.step(step, result, engine.get_lr()[0], evaluator.maybe_run(step))
-            if checkpointer.due(step, last):
-                checkpointer.save(step, engine, loader.state_dict())
+        for step in range(s.start + 1, last + 1):
+            position = copy.deepcopy(s.loader.state_dict())  # where the data stands after step - 1
+            batches, data_error = fetch(s.loader, s.plan.accumulation)
+            stopping, failure = stop_or_fail(stop, data_error, s.world)
+            if stopping:
+                return stop_at_boundary(s, step - 1, saved, position, failure, stop.signal_name)
+            result = train_step(s.engine, batches, len(s.loader.source_names), s.family)
+            s.metrics.step(step, result, s.engine.get_lr()[0], s.evaluator.maybe_run(step))
+            if s.checkpointer.due(step, last):
+                s.checkpointer.save(step, s.engine, s.loader.state_dict())
                 saved = step
     finally:
-        loader.close()  # workers ignore SIGTERM, so they are stopped here, not by a signal
-    metrics.close()
+        s.loader.close()  # workers ignore SIGTERM, so they are stopped here, not by a signal
+    s.metrics.close()
     summary = {}
-    # After an exit_interval stop the final eval belongs to the run's real end, not here.
-    if last == cfg.train.steps:
-        summary = evaluator.final(last)
-        if world.is_main:
-            save_loss_plot(run.root)
-            run.mark_done(last)
+    if last == steps:  # after an exit_interval stop the final eval belongs to the run's real end
+        summary = s.evaluator.final(last)
+        if s.world.is_main:
+            save_loss_plot(RunDir(s.cfg.run.dir).root)
+            RunDir(s.cfg.run.dir).mark_done(last)
     shutdown()
     return summary

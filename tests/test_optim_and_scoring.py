@@ -5,7 +5,7 @@ import math
 import pytest
 
 from megatrain.config import OptimConfig
-from megatrain.evaluate import score, summarize
+from megatrain.eval.qa import score, summarize
 from megatrain.optim import lr_factor
 
 

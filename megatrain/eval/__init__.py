@@ -13,6 +13,7 @@ from pathlib import Path
 
 from megatrain.config import Config
 from megatrain.eval.qa import QAExactMatch
+from megatrain.files import atomic_write_text
 from megatrain.parallel.dims import World
 from megatrain.run_dir import RunDir
 
@@ -39,8 +40,5 @@ class Evaluator:
         problems = self.task.problems(self.cfg.eval.final_limit)
         summary = self.task.run(self.engine.module, problems, self.world, self.cfg.eval.examples)
         if self.world.is_main:
-            path = RunDir(self.cfg.run.dir).eval
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps({"step": step, **summary}, indent=2))
-            tmp.replace(path)
+            atomic_write_text(RunDir(self.cfg.run.dir).eval, json.dumps({"step": step, **summary}, indent=2))
         return summary

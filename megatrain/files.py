@@ -1,0 +1,44 @@
+"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+
+The one helper every writer of small state files uses (config.yaml, trainer.json, `latest`,
+eval.json, data_tools' JSON reports and images).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+
+@contextmanager
+def atomic_binary_file(path: str | Path) -> Iterator[IO[bytes]]:
+    """Opens a temp file next to `path`; on success it is flushed to disk and replaces `path`, on
+    error it is removed.
+
+    Args:
+        path: The final destination; its folder is created if missing.
+
+    Yields:
+        A binary file object to write to.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())  # the rename must not reach the disk before the data does
+        os.replace(temp_name, path)
+    except BaseException:
+        os.unlink(temp_name)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_binary_file(path) as file:
+        file.write(text.encode("utf-8"))
