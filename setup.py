@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatrain", "megatrain.*", "launch", "launch.*", "data_tools", "data_tools.*"]),
+    packages=find_packages(include=["megatrain", "megatrain.*", "data_tools", "data_tools.*"]),
     # torch is deliberately unpinned here: install it first (the Makefile does, torch==2.13.0 on
     # CPU); a bare resolver run with no torch present would pull the CUDA build.
     install_requires=[

@@ -19,7 +19,7 @@ def _train(args, overrides: list[str]) -> int:
         from megatrain.run_dir import RunDir
         args.resume = RunDir(cfg.run.dir).has_checkpoint()
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from launch.local import run_local
+        from megatrain.launch.local import run_local
 
         preflight(cfg, args.nproc, args.resume)  # fail here, once, before starting any rank
         argv = ["train", args.config, *(["--resume"] if args.resume else []), *overrides]
@@ -77,10 +77,10 @@ def _generate(args, overrides: list[str]) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- SLURM (launch/slurm.py)
+# ----------------------------------------------------------------------------- SLURM (megatrain/launch/slurm.py)
 
 def _submit(args, overrides: list[str]) -> int:
-    from launch.slurm import Resources, submit
+    from megatrain.launch.slurm import Resources, submit
 
     res = Resources(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
                     cpus_per_task=args.cpus_per_task, partition=args.partition, time_min=args.time,
@@ -91,7 +91,7 @@ def _submit(args, overrides: list[str]) -> int:
 
 
 def _status(args, overrides: list[str]) -> int:
-    from launch.status import format_status, run_status
+    from megatrain.launch.status import format_status, run_status
 
     if overrides:
         raise MegatrainError(f"status takes no overrides, got {' '.join(overrides)}")

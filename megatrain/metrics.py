@@ -82,6 +82,8 @@ class Metrics:
                   "tokens_per_s": token_sum / elapsed, "restarts": self.restarts}
         record.update({f"loss_part/{name}": value / (self._steps * self.world.world_size)
                        for name, value in zip(part_names, part_sums)})
+        if result.grad_norm is not None:  # the same on every rank: the norm is global
+            record["grad_norm"] = result.grad_norm
         n = len(self.source_names)
         if n > 1:
             record.update({f"loss/{name}": source_sums[i] / source_sums[n + i]

@@ -89,6 +89,8 @@ class StepResult:
     source_tokens: list[float]
     parts: dict[str, float] = dataclasses.field(default_factory=dict)
     """The loss's named parts (the family's ModelOutput.parts), averaged over the micro-batches."""
+    grad_norm: float | None = None
+    """Global gradient norm before clipping, as DeepSpeed computed it (None where it computes none)."""
 
 
 def fetch(loader, accumulation: int) -> tuple[list[dict], str | None]:
@@ -139,7 +141,9 @@ def train_step(engine, batches: list[dict], num_sources: int, model_family: Mode
             by_source = loss_by_source(out.logits.detach(), batch["labels"], source, num_sources, split_vocab)
             source_loss += by_source[0]
             source_tokens += by_source[1]
-    return StepResult(loss_sum / len(batches), tokens, source_loss.tolist(), source_tokens.tolist(), parts)
+    norm = engine.get_global_grad_norm()
+    norm = float(norm) if norm is not None else None
+    return StepResult(loss_sum / len(batches), tokens, source_loss.tolist(), source_tokens.tolist(), parts, norm)
 
 
 def stop_or_fail(stop: StopRequest, data_error: str | None, world: World) -> tuple[bool, str | None]:

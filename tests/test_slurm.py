@@ -304,15 +304,15 @@ def test_rank_env_under_mpirun():
 
 
 def test_hostfile_from_a_two_node_allocation(tmp_path):
-    from launch.hostfile import read_hostfile
+    from megatrain.launch.hostfile import read_hostfile
 
     out = tmp_path / "hostfile"
-    result = subprocess.run([sys.executable, "-m", "launch.hostfile", "-o", str(out)], cwd=REPO, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "megatrain.launch.hostfile", "-o", str(out)], cwd=REPO, capture_output=True,
                             text=True, env={**JOB_ENV, **TWO_NODES})
     assert result.returncode == 0, result.stderr
     assert out.read_text() == "node01 slots=2\nnode02 slots=2\n"
     assert read_hostfile(out) == {"node01": 2, "node02": 2}
-    result = subprocess.run([sys.executable, "-m", "launch.hostfile", "--nodelist", "gpu[7,9-10]", "--slots", "8"],
+    result = subprocess.run([sys.executable, "-m", "megatrain.launch.hostfile", "--nodelist", "gpu[7,9-10]", "--slots", "8"],
                             cwd=REPO, capture_output=True, text=True, env=JOB_ENV)
     assert result.stdout == "gpu7 slots=8\ngpu9 slots=8\ngpu10 slots=8\n"
 
@@ -338,7 +338,7 @@ def test_srun_and_deepspeed_hostfile_inside_an_allocation(slurm_cluster, dm_data
 set -e
 cd {REPO}
 srun --kill-on-bad-exit=1 {sys.executable} -m megatrain train {SMOKE} --run.dir={tmp_path / 'srun'} {data}
-{sys.executable} -m launch.hostfile -o {tmp_path / 'hostfile'}
+{sys.executable} -m megatrain.launch.hostfile -o {tmp_path / 'hostfile'}
 deepspeed --hostfile {tmp_path / 'hostfile'} --launcher slurm --no_ssh_check --master_addr "$(scontrol show hostnames \
   "$SLURM_JOB_NODELIST" | head -n1)" --module megatrain train {SMOKE} --run.dir={tmp_path / 'ds'} {data}
 """)

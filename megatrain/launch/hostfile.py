@@ -4,8 +4,8 @@ A hostfile has one line per node, `HOST slots=N`, N ranks (GPUs) on that host. I
 allocation the node list is SLURM_JOB_NODELIST and the slots SLURM_GPUS_ON_NODE (or the tasks
 per node on CPU nodes):
 
-    python -m launch.hostfile -o hostfile            # inside salloc/sbatch
-    python -m launch.hostfile --nodelist 'node[01-02]' --slots 8 -o hostfile
+    python -m megatrain.launch.hostfile -o hostfile            # inside salloc/sbatch
+    python -m megatrain.launch.hostfile --nodelist 'node[01-02]' --slots 8 -o hostfile
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def read_hostfile(path: str | Path) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.hostfile", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m megatrain.launch.hostfile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodelist", default=os.environ.get("SLURM_JOB_NODELIST"),
                    help="SLURM node list (default: SLURM_JOB_NODELIST)")

@@ -228,12 +228,13 @@ def check_cluster(res: Resources) -> None:
 
 def preflight_runs(runs: list[tuple[list[str], Config]], res: Resources) -> None:
     """The trainer's own checks for `res.world_size` ranks, plus the run folder's, for every run."""
-    from megatrain.config import gradient_accumulation_steps
+    from megatrain.config import batch_plan
+    from megatrain.parallel.dims import ParallelDims
     from megatrain.train import preflight
 
     for _, cfg in runs:
-        try:  # the one check that depends on the world size, named by the flags that set it
-            gradient_accumulation_steps(cfg, res.world_size)
+        try:  # the checks that depend on the world size, named by the flags that set it
+            batch_plan(cfg, ParallelDims(res.world_size, cfg.parallel.tp_degree))
         except ConfigError as e:
             raise ConfigError(f"--nodes {res.nodes} x {res.ranks_per_node} tasks per node = {res.world_size} "
                               f"ranks does not fit the config: {e}") from None
