@@ -5,13 +5,13 @@
    `MixtureLoader` (one source, the training process, no workers) and a nanoGPT `get_batch` over
    `np.memmap` (random offsets, `astype(int64)`, `torch.from_numpy`) each produce batches of the
    same shape; they alternate in rounds, the median of each is kept. Page cache warm for both.
-2. First batch. A dataset of 10,000 small shards; a fresh process opens it, builds the loader and
+2. First batch. A dataset of 100,000 small shards; a fresh process opens it, builds the loader and
    takes one batch, with and without the start-up sha256 check of every shard.
 
-    python bench/data_read.py [--tokens 50_000_000] [--shards 10000]
+    python bench/data_read.py [--tokens 50_000_000] [--shards 100000]   # ~3 min, most of it writing shards
 
-The last lines printed are `read ratio: X.XX` (packed / memmap tokens/s; goal >= 0.5) and the
-first-batch seconds (goal <= 10 s).
+The last lines printed are `read ratio: X.XX` (packed / memmap tokens/s; goal >= 0.9) and the
+first-batch seconds (goal <= 2 s without the sha256 check).
 """
 
 from __future__ import annotations
@@ -158,13 +158,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=50_000_000)
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--shards", type=int, default=10_000)
+    parser.add_argument("--shards", type=int, default=100_000)
     parser.add_argument("--tmp", default=None, help="scratch folder (default: the system's)")
     args = parser.parse_args()
     ratio = throughput(args)
     off, on = first_batch(args)
-    print(f"first batch over {args.shards} shards: {off:.2f}s without, {on:.2f}s with the sha256 check (goal <= 10 s)")
-    print(f"read ratio: {ratio:.2f} (goal >= 0.5)")
+    print(f"first batch over {args.shards} shards: {off:.2f}s without, {on:.2f}s with the sha256 check (goal <= 2 s without)")
+    print(f"read ratio: {ratio:.2f} (goal >= 0.9)")
 
 
 if __name__ == "__main__":

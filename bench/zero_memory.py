@@ -4,8 +4,9 @@ Each layout trains one step of the same Llama through megatrain's own path (fami
 parallelize, optimizer, derived DeepSpeed JSON, engine) on local gloo ranks. Then every rank sums
 the bytes of the tensors alive in its process: every `torch.Tensor` the garbage collector knows,
 counted once per storage. That is parameters, gradients, fp32 master copies, optimizer state and
-DeepSpeed's flat buffers, measured, not from formulas. Activations are freed by then; the one
-synthetic batch is a few KB.
+DeepSpeed's flat buffers, measured, not from formulas. It is taken after the second step's
+backward, before its optimizer step: gradients are complete and optimizer state exists. The
+activations are freed by then and the one synthetic batch is a few KB.
 
     python bench/zero_memory.py                     # fp32 and bf16, 2 and 4 ranks (~5 min on 2 cores)
     python bench/zero_memory.py --precision bf16 --ranks 2
@@ -65,7 +66,7 @@ def worker(args: argparse.Namespace) -> None:
     cfg = load_config(None, [
         f"--model.hidden_size={args.hidden}", f"--model.num_layers={args.layers}", "--model.num_heads=8",
         f"--model.intermediate_size={args.hidden * 8 // 3 // 64 * 64}", "--model.max_seq_len=32",
-        "--model.tie_embeddings=false", "--train.micro_batch_size=1", "--train.steps=10", "--optim.warmup_steps=1",
+        f"--model.tie_embeddings={str(not args.untied).lower()}", "--train.micro_batch_size=1", "--train.steps=10", "--optim.warmup_steps=1",
         f"--parallel.zero_stage={args.zero}", f"--parallel.tp_degree={args.tp}", f"--precision={args.precision}"])
     world = init_world(args.tp)
     torch.manual_seed(0)
@@ -79,8 +80,13 @@ def worker(args: argparse.Namespace) -> None:
     tokens = torch.randint(3, args.vocab, (1, 32), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": tokens, "labels": tokens.clone(), "attention_mask": torch.ones_like(tokens),
              "real_tokens": torch.tensor([32])}
-    train_step(engine, [batch], 1, llama)
+    train_step(engine, [batch], 1, llama)  # the optimizer state exists from the first step on
+    # The second step's gradients are complete (reduced, partitioned) after its backward and freed by
+    # its step, so that is where parameters, gradients and optimizer state are all alive.
+    b = {k: v for k, v in batch.items() if k != "real_tokens"}
+    engine.backward(llama.forward(engine, b).loss)
     used = live_tensor_bytes()
+    engine.step()
     everyone = [None] * world.world_size
     torch.distributed.all_gather_object(everyone, used)
     if world.is_main:
@@ -93,7 +99,8 @@ def measure(args: argparse.Namespace, ranks: int, zero: int, tp: int, precision:
     """Start `ranks` local processes for one layout; the per-rank bytes rank 0 gathered."""
     port = str(free_port())
     argv = [sys.executable, __file__, "--worker", f"--zero={zero}", f"--tp={tp}", f"--precision={precision}",
-            f"--hidden={args.hidden}", f"--layers={args.layers}", f"--vocab={args.vocab}"]
+            f"--hidden={args.hidden}", f"--layers={args.layers}", f"--vocab={args.vocab}",
+            *(["--untied"] if args.untied else [])]
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(ranks),
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1"))
@@ -112,6 +119,8 @@ def main(argv=None) -> None:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--untied", action="store_true",
+                   help="separate input embedding and LM head (AutoTP then splits only the head)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--zero", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
@@ -120,8 +129,9 @@ def main(argv=None) -> None:
         return worker(args)
     precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
     import deepspeed
-    print(f"Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab} (untied); torch {torch.__version__}, "
-          f"deepspeed {deepspeed.__version__}; per-rank live tensor bytes after one step")
+    print(f"Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab} "
+          f"({'untied' if args.untied else 'tied'} embeddings); torch {torch.__version__}, "
+          f"deepspeed {deepspeed.__version__}; per-rank live tensor bytes after the second backward")
     for precision in precisions:
         print(f"\n{precision}\n| ranks | ZeRO | TP | max MiB/rank | ratio to ZeRO-0 TP-1 |\n|---:|---:|---:|---:|---:|")
         for ranks in args.ranks:

@@ -42,6 +42,17 @@ def test_fp32_tp_matches_tp1(train_smoke, reference_run, tp2_run, tmp_path, stag
     assert (state["tp_degree"], state["world_size"]) == (2, nproc)
 
 
+@pytest.mark.parametrize("overrides", [
+    ("--parallel.zero_stage=0",),
+    ("--parallel.activation_checkpointing=true",),
+    ("--parallel.offload_optimizer=true",),
+    ("--parallel.zero_stage=3", "--parallel.offload_optimizer=true", "--parallel.offload_params=true"),
+], ids=["zero0", "activation_checkpointing", "offload_optimizer", "zero3_offload_all"])
+def test_tp_composes_with_zero0_checkpointing_and_offload(train_smoke, reference_run, tmp_path, overrides):
+    train_smoke(tmp_path / "run", "--parallel.tp_degree=2", *overrides)
+    assert_same_trajectory(losses(tmp_path / "run"), losses(reference_run), rel=1e-6)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_hf_export_of_a_tp_run_is_the_whole_model(train_smoke, reference_run, tp2_run, tmp_path, stage):
     """Every rank joins the gather; rank 0 writes unsplit tensors that load anywhere and give the

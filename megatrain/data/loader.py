@@ -112,11 +112,11 @@ def iterate(stream: MicroBatchStream, num_workers: int):
     every rank. torch's own SIGCHLD handler would raise it wherever this process happens to be,
     usually inside a collective that the other ranks then wait in forever; it is switched off.
     """
-    batches = iter(DataLoader(stream, batch_size=None, num_workers=num_workers,
-                              prefetch_factor=4 if num_workers else None,
-                              worker_init_fn=ignore_scheduler_signals if num_workers else None))
-    if num_workers:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    if not num_workers:  # in this process: the stream itself (a DataLoader would only re-wrap each batch)
+        return iter(stream)
+    batches = iter(DataLoader(stream, batch_size=None, num_workers=num_workers, prefetch_factor=4,
+                              worker_init_fn=ignore_scheduler_signals))
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     return batches
 
 

@@ -93,6 +93,8 @@ class MixtureSampler:
 
     def locate(self, global_indices) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         sources, source_indices = self.mixture.locate(global_indices)
+        if len(self.orders) == 1:  # the common one-source case, without the masks (this runs per micro-batch)
+            return (sources, *self.orders[0].locate_many(source_indices))
         blocks, rows = np.empty_like(sources), np.empty_like(sources)
         for s in np.unique(sources):
             here = sources == s
@@ -165,7 +167,8 @@ class MixtureLoader:
         self.attention_reset, self.num_workers = attention_reset, num_workers
         self.stages = [Stage(0, self.window_samples, quotas(self.weights, self.window_samples),
                              {n: 0 for n in self.weights})]
-        self.counters = {n: {"samples": 0, "tokens": 0} for n in sorted(self.weights)}
+        self._counts = {n: {"samples": 0, "tokens": 0} for n in sorted(self.weights)}
+        self._counted = 0  # global samples that self._counts includes
         self.micro_step = 0
         self._sampler = MixtureSampler(datasets, self.stages[-1], seed)
         self._iter = None
@@ -190,13 +193,24 @@ class MixtureLoader:
             self._iter = iterate(stream, self.num_workers)
         batch = next(self._iter)
         self.micro_step += 1
-        if self.consumed_samples % self.global_batch_size == 0:
-            self._count(self.consumed_samples - self.global_batch_size, self.consumed_samples)
         return batch
 
     def close(self) -> None:
         """Stop the DataLoader workers (they ignore the scheduler's signals); the next batch restarts them."""
         self._iter = None
+
+    @property
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Samples and real tokens per source over the global batches consumed so far.
+
+        They are a pure function of the position, so they are counted when asked for (a metrics line,
+        a checkpoint), for all global batches since the last time in one vectorized pass, not per batch.
+        """
+        end = self.consumed_samples - self.consumed_samples % self.global_batch_size
+        if end > self._counted:
+            self._count(self._counted, end)
+            self._counted = end
+        return self._counts
 
     def _count(self, start: int, end: int) -> None:
         sources, blocks, rows = self._sampler.locate(np.arange(start, end))
@@ -204,8 +218,8 @@ class MixtureLoader:
         samples = np.bincount(sources, minlength=len(self._sampler.names))
         tokens = np.bincount(sources, weights=real, minlength=len(self._sampler.names))
         for s, name in enumerate(self._sampler.names):
-            self.counters[name]["samples"] += int(samples[s])
-            self.counters[name]["tokens"] += int(tokens[s])
+            self._counts[name]["samples"] += int(samples[s])
+            self._counts[name]["tokens"] += int(tokens[s])
 
     def metrics(self) -> dict[str, int]:
         """Cumulative real tokens per source (and shards skipped), for the metrics log."""
@@ -237,13 +251,14 @@ class MixtureLoader:
             raise CheckpointError(f"the checkpoint consumed {consumed} samples, not a whole number of global "
                                   f"batches of {self.global_batch_size}; resume with the same global batch size")
         self.stages = [Stage.from_dict(s) for s in state["stages"]]
-        self.counters = {n: dict(c) for n, c in state["counters"].items()}
+        self._counts = {n: dict(c) for n, c in state["counters"].items()}
+        self._counted = consumed
         for name in self.weights:
-            self.counters.setdefault(name, {"samples": 0, "tokens": 0})
+            self._counts.setdefault(name, {"samples": 0, "tokens": 0})
         wanted = quotas(self.weights, self.window_samples)
         last = self.stages[-1]
         if last.quotas != wanted or last.window_samples != self.window_samples:
-            offsets = {name: self.counters[name]["samples"] for name in self.weights}
+            offsets = {name: self._counts[name]["samples"] for name in self.weights}
             self.stages.append(Stage(consumed, self.window_samples, wanted, offsets))
         self.micro_step = consumed // self.samples_per_micro_step
         self._sampler = MixtureSampler(self.datasets, self.stages[-1], self.seed)

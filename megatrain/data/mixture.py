@@ -100,6 +100,9 @@ class Mixture:
     def _window(self, window: int) -> tuple[np.ndarray, np.ndarray]:
         """Per position in a window: its source, and how many earlier positions have that source."""
         cached = self._cache.get(window)
+        if cached is None and len(self.names) == 1:  # one source: no shuffle to draw
+            cached = (np.zeros(self.stage.window_samples, np.int64), np.arange(self.stage.window_samples))
+            self._cache = {window: cached}
         if cached is None:
             if len(self._cache) > 4:
                 self._cache.pop(next(iter(self._cache)))
@@ -119,6 +122,10 @@ class Mixture:
         g = np.asarray(global_indices, dtype=np.int64) - self.stage.start_sample
         assert (g >= 0).all(), "index before the stage's start"
         windows, positions = np.divmod(g, self.stage.window_samples)
+        if windows.size and windows.min() == windows.max():  # one window: most micro-batches
+            window_sources, window_rank = self._window(int(windows[0]))
+            sources = window_sources[positions]
+            return sources, self._offset[sources] + windows * self._quota[sources] + window_rank[positions]
         sources, inside = np.empty_like(g), np.empty_like(g)
         for window in np.unique(windows):
             here = windows == window
