@@ -64,6 +64,20 @@ def test_a_mixture_trains_and_counts_each_source(straight):
     assert (straight / "checkpoints" / "step_8" / "hf" / "tokenizer.model").is_file()
 
 
+def test_tensor_parallel_mixture_matches_tp1(train_mix, straight, tmp_path):
+    """TP=2 on the packed mixture (attention reset, a vocabulary-split tied head): the same losses,
+    per-source losses (vocabulary-parallel cross entropy) and token counters as TP=1."""
+    run_dir = tmp_path / "tp2"
+    train_mix(run_dir, "--parallel.tp_degree=2")
+    got, want = losses(run_dir), losses(straight)
+    assert got.keys() == want.keys() and all(abs(got[s] - want[s]) <= 1e-6 * abs(want[s]) for s in want)
+    mine, theirs = last_metrics(run_dir), last_metrics(straight)
+    for key in [k for k in theirs if k.startswith("loss/")]:
+        assert abs(mine[key] - theirs[key]) <= 1e-5 * abs(theirs[key]), key
+    assert {k: v for k, v in mine.items() if k.startswith("data/")} == \
+        {k: v for k, v in theirs.items() if k.startswith("data/")}
+
+
 # The resumed run reduces gradients over another number of ranks (an all-reduce vs accumulation),
 # which changes the order of fp32 sums: differences are rounding-sized, far below a wrong batch.
 LOSS_RTOL = 1e-5
