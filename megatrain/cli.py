@@ -58,7 +58,7 @@ def _eval(args, overrides: list[str]) -> int:
     from megatrain.parallel.dims import World
 
     cfg, model, tokenizer = _load(args.checkpoint)
-    if overrides:  # e.g. --data.eval_released=... to score another folder
+    if overrides:  # e.g. --eval.released=... to score another folder
         cfg = apply_overrides(cfg, overrides)
     limit = args.limit or cfg.eval.final_limit
     result = evaluate(model, tokenizer, load_problems(cfg, limit), World(0, 0, 1, "cpu"), cfg.eval.batch_size,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,12 +86,6 @@ class DataConfig:
     on_bad_shard: str = "error"
     """A shard whose sha256 differs from its manifest: `error` stops the run naming it; `skip` leaves
     it out (every rank alike) and counts it in the metrics as data/skipped_shards."""
-    eval_released: str = "data/linear1d/released"
-    """Released-format folder (DeepMind mathematics_dataset v1.0 layout) that eval reads."""
-    eval_modules: list[str] = field(default_factory=lambda: ["algebra__linear_1d"])
-    """DeepMind modules that eval scores, each on its own (a table per module) and overall. On the
-    command line: --data.eval_modules=a,b."""
-    eval_split: str = "interpolate"
     num_workers: int = 1
     """DataLoader worker processes per rank; 0 reads in the training process."""
     verify: bool = True
@@ -167,6 +162,14 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
+    """The evaluator (megatrain/eval/): question/answer exact match on held-out problems."""
+
+    released: str = "data/linear1d/released"
+    """Released-format folder (DeepMind mathematics_dataset v1.0 layout) that eval reads."""
+    modules: list[str] = field(default_factory=lambda: ["algebra__linear_1d"])
+    """DeepMind modules that eval scores, each on its own (a table per module) and overall. On the
+    command line: --eval.modules=a,b."""
+    split: str = "interpolate"
     interval: int = 0
     """Run the evaluator every this many steps during training; 0 only at the end."""
     limit: int = 200
@@ -230,6 +233,26 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     if not ok:
         raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}{where}")
     return value
+
+
+# Keys that moved, old -> new (section, key): configs written before the move (recipes, the
+# config.yaml of existing run folders and checkpoints) keep loading, with a warning.
+MOVED_KEYS = {("data", "eval_released"): ("eval", "released"), ("data", "eval_modules"): ("eval", "modules"),
+              ("data", "eval_split"): ("eval", "split")}
+
+
+def migrate(values: dict, where: str = "") -> dict:
+    """A copy of nested config values with moved keys under their new names (warning on stderr)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for (old_section, old_key), (new_section, new_key) in MOVED_KEYS.items():
+        section = out.get(old_section)
+        if isinstance(section, dict) and old_key in section:
+            out.setdefault(new_section, {})
+            if isinstance(out[new_section], dict):
+                out[new_section].setdefault(new_key, section.pop(old_key))
+                print(f"warning: {old_section}.{old_key} is now {new_section}.{new_key}{where}; rename it there",
+                      file=sys.stderr)
+    return out
 
 
 def _build(cls: type, values: dict, prefix: str, where: str):
@@ -317,16 +340,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
             raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    values = migrate(values, where)
     cfg = _build(Config, values, "", where)  # a bad file is reported as the file's fault
     if overrides:
         over = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
+        over = migrate(over, " (on the command line)")
         cfg = _build(Config, _merge(values, over), "", " (on the command line)")
     return cfg
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """A copy of a loaded config with `--section.key=value` overrides applied and checked."""
-    return _build(Config, _merge(to_dict(cfg), parse_overrides(overrides)), "", " (on the command line)")
+    over = migrate(parse_overrides(overrides), " (on the command line)")
+    return _build(Config, _merge(to_dict(cfg), over), "", " (on the command line)")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -56,7 +56,7 @@ def train_smoke(dm_data, deepspeed_ops):
     """Train configs/cpu-smoke.yaml on the test data with 2 local ranks; returns the run folder."""
     def train(run_dir: Path, *overrides: str, nproc: int = 2, check: bool = True, **popen) -> subprocess.CompletedProcess:
         result = run_megatrain("train", SMOKE, "--nproc", nproc, f"--run.dir={run_dir}",
-                               f"--data.shards={dm_data['shards']}", f"--data.eval_released={dm_data['released']}",
+                               f"--data.shards={dm_data['shards']}", f"--eval.released={dm_data['released']}",
                                *overrides, **popen)
         if check:
             assert result.returncode == 0, result.stderr[-3000:]

@@ -54,7 +54,7 @@ def test_bad_released_file_for_eval(reference_run, tmp_path, content, needle):
     released = tmp_path / "released" / "interpolate"
     released.mkdir(parents=True)
     (released / "algebra__linear_1d.txt").write_text(content)
-    result = run_megatrain("eval", reference_run, f"--data.eval_released={tmp_path / 'released'}")
+    result = run_megatrain("eval", reference_run, f"--eval.released={tmp_path / 'released'}")
     assert_one_clear_line(result, "algebra__linear_1d.txt", needle)
 
 

@@ -119,3 +119,15 @@ def test_tensor_parallel_batch_plan_counts_data_parallel_ranks():
 def test_tp_degree_must_divide_the_world(world_size, tp, message):
     with pytest.raises(ConfigError, match=message):
         validate(load_config(None, [f"--parallel.tp_degree={tp}"]), world_size=world_size)
+
+
+def test_moved_eval_keys_still_load_with_a_warning(tmp_path, capsys):
+    """Run folders and checkpoints written before eval's settings moved to eval.* keep loading."""
+    old = tmp_path / "config.yaml"
+    old.write_text("data:\n  eval_released: /data/rel\n  eval_modules: [a, b]\n  eval_split: extrapolate\n")
+    cfg = load_config(old)
+    assert (cfg.eval.released, cfg.eval.modules, cfg.eval.split) == ("/data/rel", ["a", "b"], "extrapolate")
+    assert f"warning: data.eval_released is now eval.released (in {old})" in capsys.readouterr().err
+    assert load_config(None, ["--data.eval_modules=x,y"]).eval.modules == ["x", "y"]
+    with pytest.raises(ConfigError, match="unknown config key data.eval_typo"):
+        load_config(None, ["--data.eval_typo=1"])

@@ -28,7 +28,7 @@ def test_launcher_gives_the_same_run_as_nproc(launcher, dm_data, reference_run, 
         pytest.skip("the deepspeed launcher script is not on PATH (pip install deepspeed puts it there)")
     port = free_port()
     cmd = [*(arg.format(port=port) for arg in LAUNCHERS[launcher]), "train", str(SMOKE), f"--run.dir={tmp_path / 'run'}",
-           f"--data.shards={dm_data['shards']}", f"--data.eval_released={dm_data['released']}"]
+           f"--data.shards={dm_data['shards']}", f"--eval.released={dm_data['released']}"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert losses(tmp_path / "run") == losses(reference_run)

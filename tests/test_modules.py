@@ -94,7 +94,7 @@ def test_module_order_is_the_same_for_any_worker_count_and_resumes(mm_data):
 def test_a_run_reports_loss_and_exact_match_per_module(mm_data, deepspeed_ops, tmp_path):
     run = tmp_path / "run"
     result = run_megatrain("train", SMOKE, "--nproc", "2", f"--run.dir={run}", f"--data.shards={mm_data['shards']}",
-                           f"--data.eval_released={mm_data['released']}", f"--data.eval_modules={','.join(MODULES)}",
+                           f"--eval.released={mm_data['released']}", f"--eval.modules={','.join(MODULES)}",
                            "--train.steps=6", "--log.interval=3", "--eval.final_limit=8", "--eval.examples=2")
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -96,7 +96,7 @@ def test_ranks_agree_when_one_lacks_native_bf16(dm_data, deepspeed_ops, tmp_path
                **(EMULATED if rank == 1 else {})}
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "megatrain", "train", str(SMOKE), f"--run.dir={run}", "--precision=auto",
-             f"--data.shards={dm_data['shards']}", f"--data.eval_released={dm_data['released']}",
+             f"--data.shards={dm_data['shards']}", f"--eval.released={dm_data['released']}",
              "--train.steps=2", "--eval.final_limit=0"], cwd=REPO, env=env, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=300) for p in procs]

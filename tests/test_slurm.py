@@ -53,7 +53,7 @@ def slurm_cluster():
 
 def submit(run_dir: Path, dm_data, *args: str, **kw) -> subprocess.CompletedProcess:
     return run_megatrain("submit", SMOKE, f"--run.dir={run_dir}", f"--data.shards={dm_data['shards']}",
-                         f"--data.eval_released={dm_data['released']}", *args, env=kw.pop("env", JOB_ENV), **kw)
+                         f"--eval.released={dm_data['released']}", *args, env=kw.pop("env", JOB_ENV), **kw)
 
 
 def job_id(run_dir: Path) -> str:
@@ -332,7 +332,7 @@ def test_srun_and_deepspeed_hostfile_inside_an_allocation(slurm_cluster, dm_data
     # `srun python -m megatrain train` is what `deepspeed --launcher slurm` runs on each node; the ranks
     # take their rank variables from srun (parallel/launcher_env.py). Then the deepspeed launcher with a
     # hostfile written from the allocation (one node here, so DeepSpeed starts its local ranks itself).
-    data = f"--data.shards={dm_data['shards']} --data.eval_released={dm_data['released']}"
+    data = f"--data.shards={dm_data['shards']} --eval.released={dm_data['released']}"
     script = tmp_path / "job.sh"
     script.write_text(f"""#!/bin/bash
 set -e

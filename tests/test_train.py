@@ -104,7 +104,7 @@ def test_sigkill_mid_training_resumes_from_last_complete_checkpoint(train_smoke,
 
     run = tmp_path / "killed"
     cmd = [sys.executable, "-m", "megatrain", "train", str(SMOKE), "--nproc", "2", f"--run.dir={run}",
-           f"--data.shards={dm_data['shards']}", f"--data.eval_released={dm_data['released']}",
+           f"--data.shards={dm_data['shards']}", f"--eval.released={dm_data['released']}",
            "--train.steps=100000", *common]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

@@ -25,7 +25,7 @@ def start(run: Path, dm_data, *overrides: str) -> subprocess.Popen:
     """`megatrain train --nproc 2` in its own process group, as a batch system starts it."""
     return subprocess.Popen(
         [sys.executable, "-m", "megatrain", "train", str(SMOKE), "--nproc", "2", f"--run.dir={run}",
-         f"--data.shards={dm_data['shards']}", f"--data.eval_released={dm_data['released']}", *overrides],
+         f"--data.shards={dm_data['shards']}", f"--eval.released={dm_data['released']}", *overrides],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -68,7 +68,7 @@ def test_sigterm_to_the_process_group_checkpoints_and_resumes(dm_data, deepspeed
     end = stopped + 5
     result = subprocess.run([sys.executable, "-m", "megatrain", "train", str(SMOKE), "--nproc", "2",
                              f"--run.dir={run}", f"--data.shards={dm_data['shards']}",
-                             f"--data.eval_released={dm_data['released']}", f"--data.num_workers={num_workers}",
+                             f"--eval.released={dm_data['released']}", f"--data.num_workers={num_workers}",
                              f"--train.steps={end}", f"--checkpoint.interval={interval}", "--eval.final_limit=0",
                              "--auto-resume"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -96,9 +96,9 @@ def teacher_forced(model, tokenizer: Tokenizer, pairs: list[tuple[str, str]], ma
 
 
 def load_problems(cfg: Config, limit: int) -> list[tuple[str, str, str]]:
-    """(module, question, answer): the first `limit` problems of each of data.eval_modules."""
-    return [(module, q, a) for module in cfg.data.eval_modules
-            for q, a in read_split(cfg.data.eval_released, module, [cfg.data.eval_split])[:limit]]
+    """(module, question, answer): the first `limit` problems of each of eval.modules."""
+    return [(module, q, a) for module in cfg.eval.modules
+            for q, a in read_split(cfg.eval.released, module, [cfg.eval.split])[:limit]]
 
 
 def evaluate(model, tokenizer: Tokenizer, problems: list[tuple[str, str, str]], world: World, batch_size: int,

@@ -28,7 +28,7 @@ from pathlib import Path
 import submitit
 import yaml
 
-from megatrain.config import Config, load_config, to_dict
+from megatrain.config import Config, load_config, migrate, to_dict
 from megatrain.errors import ConfigError, MegatrainError
 from megatrain.run_dir import RunDir
 
@@ -190,7 +190,7 @@ def check_run_folder(cfg: Config) -> None:
 
 def _check_same_config(cfg: Config, saved_path: Path) -> None:
     run_dir = saved_path.parent
-    saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+    saved = _flatten(migrate(yaml.safe_load(saved_path.read_text()) or {}, f" (in {saved_path})"))
     ours = _flatten(to_dict(cfg))
     if ours.get("precision") == "auto":  # the folder records what auto chose; auto keeps it on resume
         ours["precision"] = saved.get("precision")
