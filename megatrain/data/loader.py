@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -117,7 +118,28 @@ def iterate(stream: MicroBatchStream, num_workers: int):
     batches = iter(DataLoader(stream, batch_size=None, num_workers=num_workers, prefetch_factor=4,
                               worker_init_fn=ignore_scheduler_signals))
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    return batches
+    return _from_workers(batches)
+
+
+def _from_workers(batches):
+    """The DataLoader's batches, with a worker that dies while handing one over reported as torch
+    reports a dead worker.
+
+    A batch's tensors come over a socket of the worker's (their file descriptors); a worker killed at
+    that moment surfaces as ConnectionResetError / EOFError here, before torch notices the death
+    (seen once in a full test run, 2026-12-02).
+    """
+    while True:
+        try:
+            batch = next(batches)
+        except (ConnectionError, EOFError) as error:
+            deadline = time.monotonic() + 5
+            dead = []
+            while not dead and time.monotonic() < deadline:
+                dead = [str(w.pid) for w in batches._workers if not w.is_alive()]  # torch's own check
+                time.sleep(0.05)
+            raise RuntimeError(f"DataLoader worker (pid(s) {', '.join(dead) or '?'}) exited unexpectedly") from error
+        yield batch
 
 
 class QAOrder:
