@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from megatrain.config import load_config  # noqa: E402
+from megatrain.launch.local import rank_env  # noqa: E402
 from megatrain.parallel.dims import free_port, init_world  # noqa: E402  (before deepspeed loads)
 
 
@@ -81,15 +81,13 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, tp: int, ac: bool) -> dict:
-    port = str(free_port())
+    port = free_port()
     argv = [sys.executable, __file__, "--worker", f"--tp={tp}", *(["--ac"] if ac else []),
             *(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
               if k in ("hidden", "layers", "heads", "kv_heads", "ffn", "seq", "vocab", "micro_batch", "steps",
                        "warmup"))]
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(tp),
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-             for r in range(tp)]
+                              env=rank_env(r, tp, port)) for r in range(tp)]
     outs = [p.communicate() for p in procs]
     if any(p.returncode for p in procs):
         err = next(o[1] for p, o in zip(procs, outs) if p.returncode)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from megatrain.config import load_config  # noqa: E402
+from megatrain.launch.local import rank_env  # noqa: E402
 from megatrain.parallel.dims import free_port, init_world  # noqa: E402  (before deepspeed loads)
 
 
@@ -97,14 +97,12 @@ def worker(args: argparse.Namespace) -> None:
 
 def measure(args: argparse.Namespace, ranks: int, zero: int, tp: int, precision: str) -> dict:
     """Start `ranks` local processes for one layout; the per-rank bytes rank 0 gathered."""
-    port = str(free_port())
+    port = free_port()
     argv = [sys.executable, __file__, "--worker", f"--zero={zero}", f"--tp={tp}", f"--precision={precision}",
             f"--hidden={args.hidden}", f"--layers={args.layers}", f"--vocab={args.vocab}",
             *(["--untied"] if args.untied else [])]
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(ranks),
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1"))
-             for r in range(ranks)]
+                              env=rank_env(r, ranks, port, threads_per_rank=1)) for r in range(ranks)]
     outs = [p.communicate(timeout=600) for p in procs]
     if any(p.returncode for p in procs):
         err = next(o[1] for p, o in zip(procs, outs) if p.returncode)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -250,8 +251,9 @@ def migrate(values: dict, where: str = "") -> dict:
             out.setdefault(new_section, {})
             if isinstance(out[new_section], dict):
                 out[new_section].setdefault(new_key, section.pop(old_key))
-                print(f"warning: {old_section}.{old_key} is now {new_section}.{new_key}{where}; rename it there",
-                      file=sys.stderr)
+                if int(os.environ.get("RANK", 0)) == 0:  # every rank loads the config
+                    print(f"warning: {old_section}.{old_key} is now {new_section}.{new_key}{where}; rename it "
+                          "there", file=sys.stderr)
     return out
 
 

@@ -22,7 +22,7 @@ from megatrain.metrics import Metrics, peak_flops
 from megatrain.model import ModelFamily, family
 from megatrain.optim import build_optimizer, build_scheduler
 from megatrain.parallel import parallelize
-from megatrain.parallel.dims import BatchPlan, World, all_reduce_sum, init_world, shutdown
+from megatrain.parallel.dims import BatchPlan, World, all_gather_object, all_reduce_sum, init_world, shutdown
 from megatrain.parallel.launcher_env import export_rank_env
 from megatrain.parallel.zero import wrap
 from megatrain.plots import save_loss_plot
@@ -146,15 +146,12 @@ def train_step(engine, batches: list[dict], num_sources: int, model_family: Mode
     return StepResult(loss_sum / len(batches), tokens, source_loss.tolist(), source_tokens.tolist(), parts, norm)
 
 
-def stop_or_fail(stop: StopRequest, data_error: str | None, world: World) -> tuple[bool, str | None]:
+def stop_or_fail(stop: StopRequest, data_error: str | None) -> tuple[bool, str | None]:
     """One collective per step: (any rank asked to stop, the first rank's DataLoader failure)."""
     stop_votes, failures = all_reduce_sum([1.0 if stop.signal_name else 0.0, 1.0 if data_error else 0.0])
     if not failures:
         return stop_votes > 0, None
-    errors = [data_error]
-    if world.world_size > 1:
-        errors = [None] * world.world_size
-        torch.distributed.all_gather_object(errors, data_error)
+    errors = all_gather_object(data_error)
     rank = next(r for r, e in enumerate(errors) if e)
     return True, f"rank {rank}: {errors[rank]}"
 
@@ -254,7 +251,7 @@ def train(cfg: Config, resume: bool = False, stop: StopRequest | None = None) ->
         for step in range(s.start + 1, last + 1):
             position = copy.deepcopy(s.loader.state_dict())  # where the data stands after step - 1
             batches, data_error = fetch(s.loader, s.plan.accumulation)
-            stopping, failure = stop_or_fail(stop, data_error, s.world)
+            stopping, failure = stop_or_fail(stop, data_error)
             if stopping:
                 return stop_at_boundary(s, step - 1, saved, position, failure, stop.signal_name)
             result = train_step(s.engine, batches, len(s.loader.source_names), s.family)

@@ -96,13 +96,15 @@ class Mixture:
         self._slot_source = np.repeat(np.arange(len(q)), q)
         self._offset = np.array([stage.offsets.get(n, 0) for n in self.names], dtype=np.int64)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # One source: every window is all of it, in order; no shuffle to draw per window.
+        self._one_source = ((np.zeros(stage.window_samples, np.int64), np.arange(stage.window_samples))
+                            if len(q) == 1 else None)
 
     def _window(self, window: int) -> tuple[np.ndarray, np.ndarray]:
         """Per position in a window: its source, and how many earlier positions have that source."""
+        if self._one_source is not None:
+            return self._one_source
         cached = self._cache.get(window)
-        if cached is None and len(self.names) == 1:  # one source: no shuffle to draw
-            cached = (np.zeros(self.stage.window_samples, np.int64), np.arange(self.stage.window_samples))
-            self._cache = {window: cached}
         if cached is None:
             if len(self._cache) > 4:
                 self._cache.pop(next(iter(self._cache)))

@@ -10,8 +10,6 @@ position_ids or source where they apply).
 
 from __future__ import annotations
 
-import torch
-
 from megatrain.config import Config
 from megatrain.data.loader import QALoader
 from megatrain.data.mix_loader import MixtureLoader, open_mixture
@@ -20,16 +18,12 @@ from megatrain.data.shards import ShardSet
 from megatrain.data.tokenizer import Tokenizer
 from megatrain.errors import DataError
 from megatrain.model import TokenIds
-from megatrain.parallel.dims import BatchPlan, World
+from megatrain.parallel.dims import BatchPlan, World, all_gather_object
 
 
-def _everyone(found: list, world: World) -> list:
+def _everyone(found: list) -> list:
     """Every rank's findings, gathered on every rank, sorted (the same verdict everywhere)."""
-    everyone = [found]
-    if world.world_size > 1:
-        everyone = [None] * world.world_size
-        torch.distributed.all_gather_object(everyone, found)
-    return sorted(f for part in everyone for f in part)
+    return sorted(f for part in all_gather_object(found) for f in part)
 
 
 class QAData:
@@ -49,7 +43,7 @@ class QAData:
                 self.shards.verify()
             except DataError as e:
                 found.append(str(e))
-        bad = _everyone(found, world)
+        bad = _everyone(found)
         if bad:
             raise DataError(bad[0])
 
@@ -81,7 +75,7 @@ class MixtureData:
                 found += [("", name, *bad) for bad in self.datasets[name].find_bad_shards([shard])]
             except DataError as e:
                 found.append((str(e), name, "", "", ""))
-        bad = _everyone(found, world)
+        bad = _everyone(found)
         fatal = [b for b in bad if b[0]]
         if fatal:
             raise DataError(fatal[0][0])

@@ -156,7 +156,6 @@ class QAExactMatch:
     """The task as the evaluator runs it: problems from the released-format folder, scored on a model."""
 
     name = "qa_exact_match"
-    headline = HEADLINE
 
     def __init__(self, cfg: Config, tokenizer_path: Path):
         self.cfg, self.tokenizer = cfg, Tokenizer(tokenizer_path)
@@ -175,5 +174,3 @@ class QAExactMatch:
         if len(result["modules"]) > 1:
             out.update({f"eval/exact_match/{m}": r["exact_match"] for m, r in result["modules"].items()})
         return out
-
-    report = staticmethod(format_report)

@@ -16,16 +16,19 @@ import time
 from megatrain.parallel.dims import free_port
 
 
+def rank_env(rank: int, nproc: int, port: int, threads_per_rank: int | None = None) -> dict[str, str]:
+    """The environment torchrun gives local rank `rank` of `nproc` (this process's, plus those keys)."""
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // nproc)
+    return dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)))
+
+
 def run_local(nproc: int, argv: list[str], threads_per_rank: int | None = None) -> int:
     """Run `python -m megatrain <argv>` as `nproc` ranks on this machine; returns the exit code."""
-    port = str(free_port())
-    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // nproc)
-    procs = []
-    for rank in range(nproc):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
-                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                   OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)))
-        procs.append(subprocess.Popen([sys.executable, "-m", "megatrain", *argv], env=env))
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "megatrain", *argv],
+                              env=rank_env(rank, nproc, port, threads_per_rank)) for rank in range(nproc)]
 
     def forward(signum, _frame):
         for p in procs:

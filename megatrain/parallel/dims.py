@@ -78,13 +78,8 @@ class BatchPlan:
         return cls(micro_batch_size, global_batch // per_step, dp)
 
     @property
-    def per_dp_rank(self) -> int:
-        """Samples one data-parallel rank reads per optimizer step."""
-        return self.micro_batch_size * self.accumulation
-
-    @property
     def global_batch_size(self) -> int:
-        return self.per_dp_rank * self.dp
+        return self.micro_batch_size * self.accumulation * self.dp
 
 
 @dataclass(frozen=True)
@@ -148,9 +143,9 @@ def init_world(tp: int = 1) -> World:
         # first line is megatrain's own (which precision, and why).
         with contextlib.redirect_stdout(io.StringIO()):
             deepspeed.init_distributed(dist_backend="nccl" if dev == "cuda" else "gloo", verbose=False)
-    world = World(rank=torch.distributed.get_rank(), local_rank=local_rank,
-                  world_size=torch.distributed.get_world_size(), device_type=dev, tp=tp)
-    world.dims  # noqa: B018  (checks tp against the world the launcher really started)
+    dims = ParallelDims(torch.distributed.get_world_size(), tp)  # tp against the world really started
+    world = World(rank=torch.distributed.get_rank(), local_rank=local_rank, world_size=dims.world_size,
+                  device_type=dev, tp=tp)
     if tp > 1:
         tensor_parallel_groups(tp)
     return world
@@ -178,6 +173,15 @@ def shutdown() -> None:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank (a list of one without a process group)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return [obj]
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, obj)
+    return everyone
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

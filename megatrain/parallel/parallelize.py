@@ -36,21 +36,21 @@ def parallelize(model: torch.nn.Module, cfg: Config, dims: ParallelDims) -> torc
 def vocab_parallel(model: torch.nn.Module) -> bool:
     """True when the LM head keeps rank-local logits (AutoTP splits a tied head by vocabulary rows and
     patches the model's loss to a vocabulary-parallel cross entropy)."""
-    return any(getattr(m, "is_vocab_parallel_lm_head", False) for m in model.modules())
+    return getattr(model.get_output_embeddings(), "is_vocab_parallel_lm_head", False)
 
 
 @contextlib.contextmanager
 def whole_logits(model: torch.nn.Module):
     """Within it the model returns logits over the whole vocabulary (gathered across the TP group), as
     greedy decoding and argmax scoring need; training keeps them split."""
-    heads = [m for m in model.modules() if getattr(m, "is_vocab_parallel_lm_head", False)]
-    for head in heads:
-        head.gather_output = True
+    split = vocab_parallel(model)
+    if split:
+        model.get_output_embeddings().gather_output = True
     try:
         yield model
     finally:
-        for head in heads:
-            head.gather_output = False
+        if split:
+            model.get_output_embeddings().gather_output = False
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
