@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import yaml
 
-from megatrain.config import Config, save_config
+from megatrain.config import Config, save_config, to_dict
 from megatrain.errors import CheckpointError
 from megatrain.files import atomic_write_text
 from megatrain.model import ModelFamily, family
@@ -62,19 +62,25 @@ def saved_config(ckpt_dir: Path) -> dict:
 def check_compatible(ckpt_dir: Path, cfg: Config) -> None:
     """Refuse, before touching the engine, a checkpoint whose parameter shapes differ from cfg.model."""
     saved = {"family": "llama", **saved_config(ckpt_dir).get("model", {})}  # written before families existed
-    ours = vars(cfg.model)
+    ours = to_dict(cfg)["model"]
+
+    def value(values: dict, dotted: str):  # shape fields may sit in a subsection: moe.num_experts
+        for key in dotted.split("."):
+            values = values.get(key) if isinstance(values, dict) else None
+        return values
+
     fields = ("family", *family(cfg.model.family).shape_fields)
-    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {ours[k]!r}" for k in fields
-             if saved.get(k) != ours[k]]
+    diffs = [f"model.{k}: checkpoint {value(saved, k)!r}, config {value(ours, k)!r}" for k in fields
+             if value(saved, k) != value(ours, k)]
     if diffs:
         raise CheckpointError(f"checkpoint {ckpt_dir} has another model shape ({'; '.join(diffs)}); "
                               "resume with the config it was written with, or start a new run.dir")
 
 
-def saved_layout(ckpt_dir: Path) -> tuple[int | None, int]:
-    """(world size, tp_degree) of the run that wrote a checkpoint (None: not recorded)."""
+def saved_layout(ckpt_dir: Path) -> tuple[int | None, int, int]:
+    """(world size, tp_degree, ep_degree) of the run that wrote a checkpoint (None: not recorded)."""
     trainer = json.loads((ckpt_dir / "trainer.json").read_text())
-    return trainer.get("world_size"), trainer.get("tp_degree", 1)
+    return trainer.get("world_size"), trainer.get("tp_degree", 1), trainer.get("ep_degree", 1)
 
 
 def check_elastic(ckpt_dir: Path, cfg: Config, world_size: int) -> None:
@@ -84,8 +90,15 @@ def check_elastic(ckpt_dir: Path, cfg: Config, world_size: int) -> None:
     (Checkpointer.prepare_resume); measured exact with ZeRO 1 and 2, TP 2 -> 1, 1 -> 2 and DP 1 -> 2
     under TP 2 (tests/test_tensor_parallel.py).
     """
-    saved, saved_tp = saved_layout(ckpt_dir)
+    saved, saved_tp, saved_ep = saved_layout(ckpt_dir)
     tp, stage = cfg.parallel.tp_degree, cfg.parallel.zero_stage
+    if cfg.model.family == "moe" and (saved not in (None, world_size) or saved_ep != cfg.parallel.ep_degree):
+        # DeepSpeed writes one file per expert and the optimizer state per expert-parallel rank; its
+        # universal-checkpoint converter fails on them (0.19.8, measured: ds_to_universal stops in
+        # _merge_zero_shards with "shape '[128, 64]' is invalid" for an expert's weight).
+        raise CheckpointError(f"{ckpt_dir} was written by {saved} ranks with parallel.ep_degree={saved_ep}; an MoE "
+                              f"checkpoint resumes only on the same layout: {saved} ranks with "
+                              f"--parallel.ep_degree={saved_ep}")
     if saved_tp != tp and stage in (0, 3):
         # ZeRO-0 keeps each TP rank's slice in its own model file, with no ZeRO state to convert;
         # ZeRO-3 through the universal checkpoint is not exact (below).
@@ -147,8 +160,9 @@ def export_hf(engine, model_family: ModelFamily, out_dir: Path, world: World, to
             model_family.save_hf(engine.module, out_dir, state)
     else:
         with gathered_params(engine.module):
+            state = model_family.hf_state_dict(engine.module)  # e.g. experts from every EP rank
             if world.is_main:
-                model_family.save_hf(engine.module, out_dir)
+                model_family.save_hf(engine.module, out_dir, state)
     if world.is_main:
         if tokenizer_path.is_dir():  # a dataset's tokenizer/ folder (sentencepiece or HF files)
             for file in sorted(tokenizer_path.iterdir()):
@@ -188,6 +202,7 @@ class Checkpointer:
                 shutil.rmtree(stale)  # left by a crash mid-save; never a complete checkpoint
         barrier()
         trainer_state = {"step": step, "world_size": self.world.world_size, "tp_degree": self.world.tp,
+                         "ep_degree": self.world.ep,
                          "data": data_state}
         engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=trainer_state, save_latest=False)
         torch.save(rng_state(), tmp / f"rng_rank{self.world.rank}.pt")
@@ -221,7 +236,7 @@ class Checkpointer:
             True if the engine must load a universal checkpoint.
         """
         path = self.latest()
-        saved, saved_tp = saved_layout(path) if path else (None, 1)
+        saved, saved_tp, _ = saved_layout(path) if path else (None, 1, 1)
         same_layout = saved in (None, self.world.world_size) and saved_tp == self.world.tp
         if path is None or same_layout or self.cfg.parallel.zero_stage == 0:
             return False  # stage 0 keeps whole optimizer state in the model file: it loads as it is

@@ -32,11 +32,59 @@ class RunConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Switch-style mixture-of-experts feed-forward layers (model.family=moe), on DeepSpeed's MoE layer.
+
+    Defaults follow the Switch Transformer paper (Fedus et al. 2021): top-1 routing, capacity factor
+    1.25 in training, jitter on the router input, aux loss 0.01; the router z-loss is ST-MoE's 0.001.
+    """
+
+    num_experts: int = 8
+    every: int = 2
+    """An MoE feed-forward in every N-th decoder layer (layers N, 2N, ...), a dense one elsewhere; 1 = all."""
+    top_k: int = 1
+    """Experts per token: 1 (Switch) or 2 (GShard; the two gate values are renormalized)."""
+    expert_intermediate_size: int = 0
+    """Hidden width of each expert's SwiGLU; 0 = model.intermediate_size."""
+    capacity_factor: float = 1.25
+    """Tokens an expert takes per micro-batch in training: capacity_factor x tokens x top_k / num_experts."""
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    """An expert's capacity never falls below this many tokens."""
+    jitter: bool = True
+    """Multiply the router input by U(1-0.01, 1+0.01) noise in training (Switch's exploration jitter)."""
+    drop_tokens: bool = True
+    """Tokens beyond an expert's capacity skip the layer (the residual carries them); false sizes
+    every expert's buffer to the busiest one, so no token is dropped."""
+    aux_loss_coef: float = 0.01
+    """Weight of the load-balancing loss (Switch eq. 4), summed over MoE layers."""
+    z_loss_coef: float = 0.001
+    """Weight of the router z-loss (ST-MoE eq. 5, mean squared logsumexp of router logits), summed over layers."""
+
+    def __post_init__(self):
+        for key in ("num_experts", "every", "min_capacity"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.moe.{key}={getattr(self, key)}: must be at least 1")
+        if self.top_k not in (1, 2):
+            raise ConfigError(f"model.moe.top_k={self.top_k}: DeepSpeed's capacity-based router takes 1 or 2")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"model.moe.top_k={self.top_k} exceeds model.moe.num_experts={self.num_experts}")
+        for key in ("capacity_factor", "eval_capacity_factor"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"model.moe.{key}={getattr(self, key)}: must be positive (1.0 gives every expert "
+                                  "exactly its even share of tokens); set model.moe.drop_tokens=false for no limit")
+        for key in ("aux_loss_coef", "z_loss_coef", "expert_intermediate_size"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.moe.{key}={getattr(self, key)}: must not be negative")
+
+
+@dataclass
 class ModelConfig:
     """The model: a family from megatrain/model/ and its sizes (checkpoints stay HF-native)."""
 
     family: str = "llama"
-    """llama: a Llama-style decoder built from transformers' Llama classes."""
+    """llama: a Llama-style decoder (transformers' Llama classes). moe: the same decoder with Switch-style
+    mixture-of-experts feed-forward layers (model.moe; HF-native as Qwen3-MoE)."""
     hidden_size: int = 256
     num_layers: int = 4
     num_heads: int = 4
@@ -51,6 +99,8 @@ class ModelConfig:
     """auto | sdpa | flash_attention_2 | eager. auto takes flash-attn on a GPU when it imports."""
     from_pretrained: str = ""
     """A local Hugging Face folder (save_pretrained) to continue training from; empty = from scratch."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Read by model.family=moe only."""
 
     def __post_init__(self):
         if self.attention not in ("auto", "sdpa", "flash_attention_2", "eager"):
@@ -151,6 +201,10 @@ class ParallelConfig:
     """Keep parameters on the CPU between uses; needs zero_stage == 3."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward instead of storing them."""
+    ep_degree: int = 1
+    """Expert parallelism (model.family=moe): each group of ep_degree consecutive data-parallel ranks
+    splits every MoE layer's experts between them and exchanges tokens all-to-all; must divide both
+    model.moe.num_experts and the data-parallel ranks."""
 
 
 @dataclass
@@ -385,7 +439,7 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
     Returns:
         The parallel layout of this config on `world_size` ranks.
     """
-    dims = ParallelDims(world_size, cfg.parallel.tp_degree)
+    dims = ParallelDims(world_size, cfg.parallel.tp_degree, cfg.parallel.ep_degree)
     for key, value in (("train.steps", cfg.train.steps), ("train.micro_batch_size", cfg.train.micro_batch_size),
                        ("log.interval", cfg.log.interval), ("eval.batch_size", cfg.eval.batch_size)):
         if value < 1:

@@ -31,7 +31,8 @@ class Metrics:
     Loss is averaged over ranks and over the steps since the last line; tokens/s counts the real
     (unpadded) tokens of all ranks, so padding does not inflate it. With several data sources, each
     line also has `loss/<source>`: that source's token-weighted loss over the same steps. A family whose
-    loss has named parts (ModelOutput.parts) gets `loss_part/<name>` too. Tokens of a tensor-parallel
+    model reports named figures (ModelOutput.parts: an MoE's `loss_part/aux`, `moe/layer1/load_e0`) gets
+their averages too. Tokens of a tensor-parallel
     group count once.
     """
 
@@ -43,7 +44,7 @@ class Metrics:
         self.flops_per_token, self.peak = flops_per_token, peak
         self.source_names = list(source_names)
         self._loss_sum, self._tokens, self._steps = 0.0, 0.0, 0
-        self._parts: dict[str, float] = {}  # the loss's named parts (an MoE aux loss, ...), summed
+        self._parts: dict[str, float] = {}  # the family's named figures (an MoE aux loss, ...), summed
         self._source_sums = [0.0] * (2 * len(self.source_names))  # loss sums, then label tokens
         self._t0 = time.perf_counter()
         self.last: dict = {}
@@ -80,7 +81,7 @@ class Metrics:
         token_sum /= self.world.tp  # the ranks of a tensor-parallel group train on the same tokens
         record = {"step": step, "loss": loss_sum / (self._steps * self.world.world_size), "lr": lr,
                   "tokens_per_s": token_sum / elapsed, "restarts": self.restarts}
-        record.update({f"loss_part/{name}": value / (self._steps * self.world.world_size)
+        record.update({name: value / (self._steps * self.world.world_size)
                        for name, value in zip(part_names, part_sums)})
         if result.grad_norm is not None:  # the same on every rank: the norm is global
             record["grad_norm"] = result.grad_norm

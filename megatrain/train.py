@@ -88,7 +88,8 @@ class StepResult:
     """Per data source (the loader's source_names): summed token loss and, below, label tokens."""
     source_tokens: list[float]
     parts: dict[str, float] = dataclasses.field(default_factory=dict)
-    """The loss's named parts (the family's ModelOutput.parts), averaged over the micro-batches."""
+    """The family's named figures (ModelOutput.parts: loss terms, MoE expert load), averaged over the
+    micro-batches."""
     grad_norm: float | None = None
     """Global gradient norm before clipping, as DeepSpeed computed it (None where it computes none)."""
 
@@ -134,8 +135,10 @@ def train_step(engine, batches: list[dict], num_sources: int, model_family: Mode
         engine.backward(out.loss)
         engine.step()
         loss_sum += out.loss.item()
-        for name, value in out.parts.items():
-            parts[name] = parts.get(name, 0.0) + value.item() / len(batches)
+        if out.parts:  # one device-to-host copy for all of them
+            values = torch.stack([v.float().reshape(()) for v in out.parts.values()]).tolist()
+            for name, value in zip(out.parts, values):
+                parts[name] = parts.get(name, 0.0) + value / len(batches)
         tokens += int(real.sum())
         if source is not None:
             by_source = loss_by_source(out.logits.detach(), batch["labels"], source, num_sources, split_vocab)
@@ -180,7 +183,7 @@ def setup(cfg: Config, resume: bool) -> Session:
     the ZeRO engine, then the loader and the checkpoint that positions both.
     """
     data = preflight(cfg, export_rank_env(), resume)
-    world = init_world(cfg.parallel.tp_degree)
+    world = init_world(cfg.parallel.tp_degree, cfg.parallel.ep_degree)
     cfg, precision_note = resolve_precision(cfg, world, resume)
     if cfg.data.verify:
         data.verify(world)
@@ -192,8 +195,9 @@ def setup(cfg: Config, resume: bool) -> Session:
         run.done.unlink(missing_ok=True)  # continued past its old end: not done any more
 
     model_family = family(cfg.model.family)
-    model = parallelize.parallelize(model_family.build(cfg.model, data.ids, world.device_type), cfg, world.dims)
-    flops = model_family.flops_per_token(cfg.model, model)  # of the whole model, before any split
+    model = parallelize.parallelize(model_family.build(cfg.model, data.ids, world.device_type), cfg, world.dims,
+                                    world.rank)
+    flops = model_family.flops_per_token(cfg.model, model)  # of the whole model (AutoTP splits it later)
     optimizer = build_optimizer(model_family.param_groups(model, cfg.optim.weight_decay), cfg)
     checkpointer = Checkpointer(cfg, world, data.tokenizer_path, precision_note)
     universal = resume and checkpointer.prepare_resume()  # resuming onto another layout

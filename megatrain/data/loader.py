@@ -38,13 +38,14 @@ def qa_example(question: np.ndarray, answer: np.ndarray, ids: dict, max_seq_len:
     return tokens, len(question) + 2
 
 
-def collate(examples: list[tuple[list, int]], pad_id: int, sources: list[int] | None = None) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; labels only on the answer and its <eos>.
+def collate(examples: list[tuple[list, int]], pad_id: int, sources: list[int] | None = None,
+            width: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example (or to `width`); labels only on the answer and its <eos>.
 
     `real_tokens` (B,) counts each row's unpadded tokens (as packed rows report theirs). `sources`
     (each example's subset index) comes back as `source` (B,) for per-subset loss.
     """
-    width = max(len(t) for t, _ in examples)
+    width = max(width, *(len(t) for t, _ in examples))
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -187,8 +188,9 @@ class QAStream(MicroBatchStream):
     """An endless stream of one rank's micro-batches, starting at a given micro-step."""
 
     def __init__(self, shards: ShardSet, seed: int, rank: int, dp_size: int, micro_batch_size: int,
-                 max_seq_len: int, start_micro_step: int = 0, global_batch_size: int = 0):
+                 max_seq_len: int, start_micro_step: int = 0, global_batch_size: int = 0, fixed_width: bool = False):
         self.shards = shards
+        self.fixed_width = fixed_width
         self.order = QAOrder(shards, seed, global_batch_size or dp_size * micro_batch_size)
         self.rank, self.dp_size, self.micro_batch_size = rank, dp_size, micro_batch_size
         self.max_seq_len = max_seq_len
@@ -212,15 +214,18 @@ class QAStream(MicroBatchStream):
         for block, i in zip(blocks.tolist(), inner.tolist()):
             question, answer = self._block(block)[i]
             examples.append(qa_example(question, answer, self.ids, self.max_seq_len))
-        return collate(examples, self.ids["pad"], [self.shards.block_source[b] for b in blocks.tolist()])
+        return collate(examples, self.ids["pad"], [self.shards.block_source[b] for b in blocks.tolist()],
+                       width=self.max_seq_len if self.fixed_width else 0)
 
 
 class QALoader:
     """Iterator over micro-batches that knows its exact position for checkpoints."""
 
     def __init__(self, shards: ShardSet, seed: int, rank: int, dp_size: int, micro_batch_size: int,
-                 max_seq_len: int, num_workers: int, global_batch_size: int = 0):
+                 max_seq_len: int, num_workers: int, global_batch_size: int = 0, fixed_width: bool = False):
+        """fixed_width: pad every micro-batch to max_seq_len (ModelFamily.fixed_length)."""
         self._args = (shards, seed, rank, dp_size, micro_batch_size, max_seq_len)
+        self.fixed_width = fixed_width
         self.global_batch_size = global_batch_size or dp_size * micro_batch_size
         self.num_workers = num_workers
         self.source_names = shards.source_names  # batches carry `source`, an index into these
@@ -233,7 +238,8 @@ class QALoader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iter is None:
-            stream = QAStream(*self._args, start_micro_step=self.micro_step, global_batch_size=self.global_batch_size)
+            stream = QAStream(*self._args, start_micro_step=self.micro_step, global_batch_size=self.global_batch_size,
+                              fixed_width=self.fixed_width)
             self._iter = iterate(stream, self.num_workers)
         batch = next(self._iter)
         self.micro_step += 1

@@ -17,7 +17,7 @@ from megatrain.data.packed import PackedDataset
 from megatrain.data.shards import ShardSet
 from megatrain.data.tokenizer import Tokenizer
 from megatrain.errors import DataError
-from megatrain.model import TokenIds
+from megatrain.model import TokenIds, family
 from megatrain.parallel.dims import BatchPlan, World, all_gather_object
 
 
@@ -49,7 +49,8 @@ class QAData:
 
     def loader(self, world: World, plan: BatchPlan) -> QALoader:
         return QALoader(self.shards, self.cfg.run.seed, world.dp_rank, world.dp_size, plan.micro_batch_size,
-                        self.cfg.model.max_seq_len, self.cfg.data.num_workers, plan.global_batch_size)
+                        self.cfg.model.max_seq_len, self.cfg.data.num_workers, plan.global_batch_size,
+                        fixed_width=family(self.cfg.model.family).fixed_length)
 
 
 class MixtureData:

@@ -115,7 +115,8 @@ def evaluate(model, tokenizer: Tokenizer, problems: list[tuple[str, str, str]], 
     was_training = model.training
     model.eval()
     counts: dict[str, list[float]] = {m: [0.0] * 4 for m in sorted({p[0] for p in problems})}
-    mine = problems[world.dp_rank::world.dp_size]  # a tensor-parallel group decodes its share together
+    group, groups, leads = world.model_group  # the ranks of a TP or EP group decode their share together
+    mine = problems[group::groups]
     shown: dict[str, list[dict]] = {m: [] for m in counts} if examples and world.is_main else {}
     with gathered_params(model), whole_logits(model):
         for i in range(0, len(mine), batch_size):
@@ -129,7 +130,7 @@ def evaluate(model, tokenizer: Tokenizer, problems: list[tuple[str, str, str]], 
             for (module, question, gold), prediction in zip(chunk, predictions):
                 if module in shown and len(shown[module]) < examples:
                     shown[module].append({"question": question, "answer": prediction, "gold": gold})
-    counted_here = 1.0 if world.tp_rank == 0 else 0.0  # a TP group scored its share once, not tp times
+    counted_here = 1.0 if leads else 0.0  # a TP or EP group scored its share once
     flat = all_reduce_sum([v * counted_here for m in counts for v in counts[m]])
     counts = {m: flat[4 * i: 4 * i + 4] for i, m in enumerate(counts)}
     model.train(was_training)

@@ -234,7 +234,7 @@ def preflight_runs(runs: list[tuple[list[str], Config]], res: Resources) -> None
 
     for _, cfg in runs:
         try:  # the checks that depend on the world size, named by the flags that set it
-            batch_plan(cfg, ParallelDims(res.world_size, cfg.parallel.tp_degree))
+            batch_plan(cfg, ParallelDims(res.world_size, cfg.parallel.tp_degree, cfg.parallel.ep_degree))
         except ConfigError as e:
             raise ConfigError(f"--nodes {res.nodes} x {res.ranks_per_node} tasks per node = {res.world_size} "
                               f"ranks does not fit the config: {e}") from None

@@ -34,7 +34,8 @@ class ModelOutput:
     loss: torch.Tensor
     logits: torch.Tensor
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Named terms of `loss` worth logging on their own (an MoE aux loss, a seq2seq loss split)."""
+    """Scalars worth logging under these names, averaged over micro-batches, steps and ranks: terms of
+    `loss` (an MoE's `loss_part/aux`) and figures of the forward (an expert's share of the tokens)."""
 
 
 class ModelFamily:
@@ -45,6 +46,10 @@ class ModelFamily:
     """ModelConfig fields that fix parameter shapes: a checkpoint with other values cannot be loaded."""
     tp_plan: dict[str, str] | None = None
     """Module name patterns -> how AutoTP splits them (colwise / rowwise); None: no tensor parallelism."""
+    fixed_length: bool = False
+    """Pad every question/answer micro-batch to model.max_seq_len: an MoE's expert capacity is counted
+    per micro-batch, and expert-parallel ranks exchange buffers of that capacity, so every rank's
+    micro-batch must hold the same number of tokens. (Packed rows always do.)"""
 
     def build(self, cfg, ids: TokenIds, device_type: str = "cpu") -> torch.nn.Module:
         raise NotImplementedError
@@ -52,6 +57,12 @@ class ModelFamily:
     def load_hf(self, path: str | Path, device_type: str = "cpu") -> torch.nn.Module:
         """A model from a local `save_pretrained` folder, in fp32."""
         raise NotImplementedError
+
+    def hf_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """Called on every rank (within a ZeRO-3 gather): the whole model under HF names on rank 0 when
+        its own state dict is not that (an MoE's experts live on several ranks); None to save the
+        model's own tensors."""
+        return None
 
     def save_hf(self, model: torch.nn.Module, out_dir: Path, state_dict: dict | None = None) -> None:
         """`model` as a `save_pretrained` folder; `state_dict` (whole, unsharded) replaces its own tensors."""
@@ -89,8 +100,9 @@ def num_params(model: torch.nn.Module, exclude_embeddings: bool = True) -> int:
 
 def families() -> dict[str, ModelFamily]:
     from megatrain.model.llama import LlamaFamily
+    from megatrain.model.moe import MoEFamily
 
-    return {f.name: f for f in (LlamaFamily(),)}
+    return {f.name: f for f in (LlamaFamily(), MoEFamily())}
 
 
 def family(name: str) -> ModelFamily:

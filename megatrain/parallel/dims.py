@@ -32,10 +32,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """How many ranks hold each slice: world_size = dp x tp (expert parallelism will borrow from dp)."""
+    """How many ranks hold each slice: world_size = dp x tp. Expert parallelism borrows from dp: groups
+    of `ep` consecutive data-parallel ranks split the experts (DeepSpeed's _create_expert_and_data_parallel)."""
 
     world_size: int
     tp: int = 1
+    ep: int = 1
 
     def __post_init__(self):
         if self.world_size < 1:
@@ -44,6 +46,9 @@ class ParallelDims:
             raise ConfigError(f"parallel.tp_degree={self.tp} does not divide the world size {self.world_size}; "
                               f"use a tp_degree that divides {self.world_size}, or start a multiple of "
                               f"{self.tp} ranks")
+        if self.ep < 1 or self.dp % self.ep:
+            raise ConfigError(f"parallel.ep_degree={self.ep} does not divide the {self.dp} data-parallel ranks; "
+                              f"use an ep_degree that divides {self.dp}, or start a multiple of {self.ep} ranks")
 
     @property
     def dp(self) -> int:
@@ -55,6 +60,10 @@ class ParallelDims:
 
     def tp_rank(self, rank: int) -> int:
         return rank % self.tp
+
+    def ep_rank(self, rank: int) -> int:
+        """Which slice of the experts a rank holds: experts [ep_rank * E/ep, (ep_rank + 1) * E/ep)."""
+        return self.dp_rank(rank) % self.ep
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,8 @@ class World:
     device_type: str
     tp: int = 1
     """Tensor-parallel degree: ranks [k*tp, (k+1)*tp) form one TP group."""
+    ep: int = 1
+    """Expert-parallel degree (ParallelDims.ep)."""
 
     @property
     def is_main(self) -> bool:
@@ -97,7 +108,7 @@ class World:
 
     @property
     def dims(self) -> ParallelDims:
-        return ParallelDims(self.world_size, self.tp)
+        return ParallelDims(self.world_size, self.tp, self.ep)
 
     @property
     def dp_rank(self) -> int:
@@ -111,6 +122,14 @@ class World:
     def tp_rank(self) -> int:
         return self.dims.tp_rank(self.rank)
 
+    @property
+    def model_group(self) -> tuple[int, int, bool]:
+        """(index, count, leads) of the groups of ranks that hold one whole model between them (a TP
+        group, or an EP group): each such group must run the same inputs in lockstep, e.g. when
+        generating, where ranks stop after different numbers of tokens; `leads` on one rank each."""
+        d = self.dims
+        return self.dp_rank // d.ep, d.dp // d.ep, self.tp_rank == 0 and d.ep_rank(self.rank) == 0
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -122,7 +141,7 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def init_world(tp: int = 1) -> World:
+def init_world(tp: int = 1, ep: int = 1) -> World:
     """Join (or, alone, create) the default process group through DeepSpeed's comm layer, and with
     tp > 1 the tensor- and data-parallel groups (DeepSpeed's `groups`, which the engine then uses).
 
@@ -143,9 +162,9 @@ def init_world(tp: int = 1) -> World:
         # first line is megatrain's own (which precision, and why).
         with contextlib.redirect_stdout(io.StringIO()):
             deepspeed.init_distributed(dist_backend="nccl" if dev == "cuda" else "gloo", verbose=False)
-    dims = ParallelDims(torch.distributed.get_world_size(), tp)  # tp against the world really started
+    dims = ParallelDims(torch.distributed.get_world_size(), tp, ep)  # against the world really started
     world = World(rank=torch.distributed.get_rank(), local_rank=local_rank, world_size=dims.world_size,
-                  device_type=dev, tp=tp)
+                  device_type=dev, tp=tp, ep=ep)
     if tp > 1:
         tensor_parallel_groups(tp)
     return world

@@ -1,4 +1,4 @@
-"""Parallelism applied to a built single-device model, in one fixed order: TP, (EP), activation
+"""Parallelism applied to a built single-device model, in one fixed order: TP, EP, activation
 checkpointing; ZeRO wraps last (zero.py).
 
 Tensor parallelism is DeepSpeed's AutoTP: the family's plan (for Llama, transformers' own
@@ -15,6 +15,7 @@ import torch
 
 from megatrain.config import Config
 from megatrain.model import ModelFamily
+from megatrain.parallel import expert
 from megatrain.parallel.checkpointing import apply_ac
 from megatrain.parallel.dims import ParallelDims
 
@@ -24,11 +25,14 @@ def check(cfg: Config, family: ModelFamily, vocab_size: int, dims: ParallelDims)
     # Measured with DeepSpeed 0.19.8 on gloo (2026-12-02): AutoTP trains with ZeRO 0-3, bf16, activation
     # checkpointing, optimizer offload and (ZeRO-3) parameter offload, so only the model's own
     # divisibility can refuse a tp_degree.
+    expert.check(cfg, dims)
     family.check_tp(cfg.model, vocab_size, dims.tp)
 
 
-def parallelize(model: torch.nn.Module, cfg: Config, dims: ParallelDims) -> torch.nn.Module:
-    """Prepare `model` for the engine: the TP split happens in deepspeed.initialize (see above)."""
+def parallelize(model: torch.nn.Module, cfg: Config, dims: ParallelDims, rank: int) -> torch.nn.Module:
+    """Prepare `model` for the engine: experts sharded by EP rank, activation checkpointing; the TP
+    split happens in deepspeed.initialize (see above)."""
+    model = expert.apply_ep(model, cfg, dims, rank)
     apply_ac(model, cfg.parallel.activation_checkpointing)
     return model
 
