@@ -34,6 +34,7 @@ def preflight(cfg: Config, world_size: int, resume: bool) -> TrainingData:
     """Every check that can fail on the user's input, before any process group, engine or file is made."""
     dims = validate(cfg, world_size)
     data = open_data(cfg)
+    family(cfg.model.family).check_pretrained(cfg.model, data.ids)
     parallelize.check(cfg, family(cfg.model.family), data.ids.vocab_size, dims)
     run = RunDir(cfg.run.dir)
     has_checkpoint = run.has_checkpoint()
@@ -109,12 +110,14 @@ def fetch(loader, accumulation: int) -> tuple[list[dict], str | None]:
 
 @torch.no_grad()
 def loss_by_source(logits: torch.Tensor, labels: torch.Tensor, source: torch.Tensor,
-                   num_sources: int, split_vocab: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token loss and label-token count per source, from a batch's logits (B, T, V); with
-    split_vocab, V is this tensor-parallel rank's slice of the vocabulary."""
-    shifted = labels[:, 1:]  # position t predicts token t+1, as the model's own loss
-    token_loss = parallelize.token_cross_entropy(logits[:, :-1].float(), shifted, IGNORE_INDEX,
-                                                 split_vocab)  # (B, T-1)
+                   num_sources: int, split_vocab: bool = False, shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token loss and label-token count per source, from a batch's logits (B, T, V); with
+    split_vocab, V is this tensor-parallel rank's slice of the vocabulary. shift: a decoder's position
+    t predicts label t+1 (causal LM); a seq2seq decoder's logits line up with its labels."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    shifted = labels
+    token_loss = parallelize.token_cross_entropy(logits.float(), shifted, IGNORE_INDEX, split_vocab)  # (B, T')
     counted = (shifted != IGNORE_INDEX).float()
     zeros = torch.zeros(num_sources, dtype=torch.float64)
     return (zeros.index_add(0, source, (token_loss * counted).sum(1).double().cpu()),
@@ -141,7 +144,8 @@ def train_step(engine, batches: list[dict], num_sources: int, model_family: Mode
                 parts[name] = parts.get(name, 0.0) + value / len(batches)
         tokens += int(real.sum())
         if source is not None:
-            by_source = loss_by_source(out.logits.detach(), batch["labels"], source, num_sources, split_vocab)
+            by_source = loss_by_source(out.logits.detach(), batch["labels"], source, num_sources, split_vocab,
+                                       shift=model_family.task == "causal_lm")
             source_loss += by_source[0]
             source_tokens += by_source[1]
     norm = engine.get_global_grad_norm()

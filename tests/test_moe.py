@@ -16,10 +16,11 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import REPO, SMOKE, losses
 from megatrain.config import ModelConfig, MoEConfig
+from megatrain.data.tokenizer import Tokenizer
 from megatrain.launch.local import rank_env
 from megatrain.model import TokenIds, family
 from megatrain.model.moe import SwitchFeedForward
@@ -154,6 +155,9 @@ def test_hf_export_of_an_ep_run_holds_every_expert(moe_runs):
     assert got.model.layers[1].mlp.experts.gate_up_proj.shape == (4, 2 * 128, 64)
     ids = torch.randint(0, want.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(got(ids).logits, want(ids).logits, rtol=0, atol=1e-4)
+    tokenizer = AutoTokenizer.from_pretrained(moe_runs[2] / "checkpoints" / "step_8" / "hf")
+    own = Tokenizer(moe_runs[2] / "checkpoints" / "step_8" / "hf" / "tokenizer.model")
+    assert tokenizer("Solve 2*x = 4 for x.").input_ids[-5:] == own.encode("Solve 2*x = 4 for x.")[-5:]
 
 
 @pytest.mark.parametrize("top_k", [1, 2])

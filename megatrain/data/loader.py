@@ -38,6 +38,35 @@ def qa_example(question: np.ndarray, answer: np.ndarray, ids: dict, max_seq_len:
     return tokens, len(question) + 2
 
 
+def seq2seq_example(question: np.ndarray, answer: np.ndarray, ids: dict, max_seq_len: int) -> tuple[list, list]:
+    """Encoder ids `question <eos>` and decoder labels `answer <eos>` (T5's format: no bos, no separator).
+
+    A question too long for the model loses its oldest tokens; an answer too long is refused.
+    """
+    if len(answer) + 1 > max_seq_len:
+        raise ValueError(f"an answer of {len(answer)} tokens does not fit model.max_seq_len={max_seq_len}")
+    return [*question[-(max_seq_len - 1):].tolist(), ids["eos"]], [*answer.tolist(), ids["eos"]]
+
+
+def collate_seq2seq(examples: list[tuple[list, list]], pad_id: int,
+                    sources: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad questions (input_ids, attention_mask) and answers (labels, -100 past the end); the
+    model shifts the labels right behind its decoder_start_token_id to make the decoder's inputs."""
+    rows, width, label_width = len(examples), max(len(q) for q, _ in examples), max(len(a) for _, a in examples)
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)  # (B, T_question)
+    attention_mask = torch.zeros((rows, width), dtype=torch.long)
+    labels = torch.full((rows, label_width), IGNORE_INDEX, dtype=torch.long)  # (B, T_answer)
+    for row, (question, answer) in enumerate(examples):
+        input_ids[row, : len(question)] = torch.tensor(question)
+        attention_mask[row, : len(question)] = 1
+        labels[row, : len(answer)] = torch.tensor(answer)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+             "real_tokens": attention_mask.sum(1) + (labels != IGNORE_INDEX).sum(1)}
+    if sources is not None:
+        batch["source"] = torch.tensor(sources, dtype=torch.long)
+    return batch
+
+
 def collate(examples: list[tuple[list, int]], pad_id: int, sources: list[int] | None = None,
             width: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example (or to `width`); labels only on the answer and its <eos>.
@@ -188,9 +217,10 @@ class QAStream(MicroBatchStream):
     """An endless stream of one rank's micro-batches, starting at a given micro-step."""
 
     def __init__(self, shards: ShardSet, seed: int, rank: int, dp_size: int, micro_batch_size: int,
-                 max_seq_len: int, start_micro_step: int = 0, global_batch_size: int = 0, fixed_width: bool = False):
+                 max_seq_len: int, start_micro_step: int = 0, global_batch_size: int = 0, fixed_width: bool = False,
+                 task: str = "causal_lm"):
         self.shards = shards
-        self.fixed_width = fixed_width
+        self.fixed_width, self.task = fixed_width, task
         self.order = QAOrder(shards, seed, global_batch_size or dp_size * micro_batch_size)
         self.rank, self.dp_size, self.micro_batch_size = rank, dp_size, micro_batch_size
         self.max_seq_len = max_seq_len
@@ -213,19 +243,24 @@ class QAStream(MicroBatchStream):
         examples = []
         for block, i in zip(blocks.tolist(), inner.tolist()):
             question, answer = self._block(block)[i]
-            examples.append(qa_example(question, answer, self.ids, self.max_seq_len))
-        return collate(examples, self.ids["pad"], [self.shards.block_source[b] for b in blocks.tolist()],
-                       width=self.max_seq_len if self.fixed_width else 0)
+            make = seq2seq_example if self.task == "seq2seq" else qa_example
+            examples.append(make(question, answer, self.ids, self.max_seq_len))
+        sources = [self.shards.block_source[b] for b in blocks.tolist()]
+        if self.task == "seq2seq":
+            return collate_seq2seq(examples, self.ids["pad"], sources)
+        return collate(examples, self.ids["pad"], sources, width=self.max_seq_len if self.fixed_width else 0)
 
 
 class QALoader:
     """Iterator over micro-batches that knows its exact position for checkpoints."""
 
     def __init__(self, shards: ShardSet, seed: int, rank: int, dp_size: int, micro_batch_size: int,
-                 max_seq_len: int, num_workers: int, global_batch_size: int = 0, fixed_width: bool = False):
-        """fixed_width: pad every micro-batch to max_seq_len (ModelFamily.fixed_length)."""
+                 max_seq_len: int, num_workers: int, global_batch_size: int = 0, fixed_width: bool = False,
+                 task: str = "causal_lm"):
+        """fixed_width: pad every micro-batch to max_seq_len (ModelFamily.fixed_length). task: the
+        collator, `causal_lm` (question and answer in one row) or `seq2seq` (ModelFamily.task)."""
         self._args = (shards, seed, rank, dp_size, micro_batch_size, max_seq_len)
-        self.fixed_width = fixed_width
+        self.fixed_width, self.task = fixed_width, task
         self.global_batch_size = global_batch_size or dp_size * micro_batch_size
         self.num_workers = num_workers
         self.source_names = shards.source_names  # batches carry `source`, an index into these
@@ -239,7 +274,7 @@ class QALoader:
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iter is None:
             stream = QAStream(*self._args, start_micro_step=self.micro_step, global_batch_size=self.global_batch_size,
-                              fixed_width=self.fixed_width)
+                              fixed_width=self.fixed_width, task=self.task)
             self._iter = iterate(stream, self.num_workers)
         batch = next(self._iter)
         self.micro_step += 1

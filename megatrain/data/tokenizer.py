@@ -88,14 +88,15 @@ class SentencePieceTextTokenizer(TextTokenizer):
 
 
 class Tokenizer(SentencePieceTextTokenizer):
-    """The sentencepiece model of the Q/A shards: a `SentencePieceTextTokenizer` with the `<sep>`
-    piece between question and answer, and a decode that drops every special id.
+    """The sentencepiece model of the Q/A shards: a `SentencePieceTextTokenizer` with a decode that
+    drops every special id, and the `<sep>` piece a decoder reads between question and answer (None
+    for a tokenizer without one, e.g. FLAN-T5's spiece.model: a seq2seq model needs none).
 
     Args:
         model_path: The `.model` file, e.g. `SHARD_DIR/tokenizer.model`.
 
     Raises:
-        DataError: The file is missing, not a sentencepiece model, or lacks the `<sep>` piece.
+        DataError: The file is missing or not a sentencepiece model.
     """
 
     def __init__(self, model_path: str | Path):
@@ -106,11 +107,7 @@ class Tokenizer(SentencePieceTextTokenizer):
         super().__init__(model_path)
         sep_id = self._processor.piece_to_id(SEP_PIECE)
         # piece_to_id answers unk for unknown pieces, so compare the piece back.
-        if self._processor.id_to_piece(sep_id) != SEP_PIECE:
-            raise DataError(
-                f"tokenizer model {self.model_path} has no {SEP_PIECE} piece; retrain it with megatrain-data"
-            )
-        self.sep_id = sep_id
+        self.sep_id = sep_id if self._processor.id_to_piece(sep_id) == SEP_PIECE else None
         self._special_ids = frozenset({self.pad_id, self.bos_id, self.eos_id, self.sep_id})
 
     def encode(self, text: str) -> list[int]:

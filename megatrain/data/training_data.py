@@ -34,6 +34,11 @@ class QAData:
         self.tokenizer_path = self.shards.tokenizer_path
         tokenizer = Tokenizer(self.tokenizer_path)
         self.ids = TokenIds(tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
+        self.family = family(cfg.model.family)
+        if self.family.task == "causal_lm" and (tokenizer.sep_id is None or tokenizer.bos_id is None):
+            raise DataError(f"{self.tokenizer_path} has no <sep> or <bos> piece, which model.family={cfg.model.family} "
+                            "reads around the question; build the shards with megatrain-data's own tokenizer (no "
+                            "--tokenizer), or train a seq2seq family (model.family=t5) on them")
 
     def verify(self, world: World) -> None:
         """Rank 0 hashes the shards (a Q/A set is small); a mismatch stops every rank."""
@@ -50,7 +55,7 @@ class QAData:
     def loader(self, world: World, plan: BatchPlan) -> QALoader:
         return QALoader(self.shards, self.cfg.run.seed, world.dp_rank, world.dp_size, plan.micro_batch_size,
                         self.cfg.model.max_seq_len, self.cfg.data.num_workers, plan.global_batch_size,
-                        fixed_width=family(self.cfg.model.family).fixed_length)
+                        fixed_width=self.family.fixed_length, task=self.family.task)
 
 
 class MixtureData:
@@ -106,4 +111,8 @@ TrainingData = QAData | MixtureData
 
 def open_data(cfg: Config) -> TrainingData:
     """The run's data, opened and checked for what needs no process group (manifests, tokenizer)."""
+    if cfg.data.sources and family(cfg.model.family).task != "causal_lm":
+        raise DataError(f"model.family={cfg.model.family} trains on question/answer shards (data.shards); packed "
+                        "pretraining rows (data.sources) would need its span-corruption objective, which megatrain "
+                        "does not have")
     return MixtureData(cfg) if cfg.data.sources else QAData(cfg)

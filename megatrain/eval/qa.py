@@ -14,10 +14,11 @@ from __future__ import annotations
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from megatrain.config import Config
-from megatrain.data.loader import collate, qa_example
+from megatrain.data.loader import collate, collate_seq2seq, qa_example, seq2seq_example
 from megatrain.data.released import read_split
 from megatrain.data.tokenizer import Tokenizer
 from megatrain.parallel.dims import World, all_reduce_sum
@@ -58,8 +59,18 @@ def summarize(counts: dict[str, list[float]]) -> dict:
 @torch.no_grad()
 def generate_answers(model, tokenizer: Tokenizer, questions: list[str], max_new_tokens: int,
                      max_seq_len: int) -> list[str]:
-    """Greedy answers for a batch of questions (left-padded so every row generates from its end)."""
+    """Greedy answers for a batch of questions: a decoder continues `<bos> question <sep>` (left-padded so
+    every row generates from its end); an encoder-decoder reads `question <eos>` and writes the answer."""
     device = next(model.parameters()).device
+    if model.config.is_encoder_decoder:
+        no_answer = np.zeros(0, dtype=np.int64)
+        examples = [seq2seq_example(np.array(tokenizer.encode(q)), no_answer, {"eos": tokenizer.eos_id}, max_seq_len)
+                    for q in questions]
+        batch = collate_seq2seq(examples, tokenizer.pad_id)
+        out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_id,
+                             pad_token_id=tokenizer.pad_id, decoder_start_token_id=model.config.decoder_start_token_id)
+        return [_until_eos(tokenizer, row) for row in out[:, 1:].tolist()]  # after the decoder's start token
     prompts = [[tokenizer.bos_id, *tokenizer.encode(q)[-(max_seq_len - max_new_tokens - 2):], tokenizer.sep_id]
                for q in questions]
     width = max(len(p) for p in prompts)
@@ -71,21 +82,33 @@ def generate_answers(model, tokenizer: Tokenizer, questions: list[str], max_new_
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                          max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_id,
                          pad_token_id=tokenizer.pad_id)
-    answers = []
-    for row in out[:, width:].tolist():
-        if tokenizer.eos_id in row:
-            row = row[: row.index(tokenizer.eos_id)]
-        answers.append(tokenizer.decode(row))
-    return answers
+    return [_until_eos(tokenizer, row) for row in out[:, width:].tolist()]
+
+
+def _until_eos(tokenizer: Tokenizer, row: list[int]) -> str:
+    if tokenizer.eos_id in row:
+        row = row[: row.index(tokenizer.eos_id)]
+    return tokenizer.decode(row)
 
 
 @torch.no_grad()
 def teacher_forced(model, tokenizer: Tokenizer, pairs: list[tuple[str, str]], max_seq_len: int) -> list[bool]:
+    """Whether the argmax at every answer position, given the gold answer so far, is the gold token
+    (CyberSolve's metric)."""
     ids = {"bos": tokenizer.bos_id, "sep": tokenizer.sep_id, "eos": tokenizer.eos_id}
+    device = next(model.parameters()).device
+    if model.config.is_encoder_decoder:
+        examples = [seq2seq_example(np.array(tokenizer.encode(q)), np.array(tokenizer.encode(a)), ids, max_seq_len)
+                    for q, a in pairs]
+        batch = collate_seq2seq(examples, tokenizer.pad_id)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       labels=batch["labels"].to(device)).logits  # (B, T_answer, V): position t predicts label t
+        predicted = logits.argmax(-1).cpu()
+        return [normalize(tokenizer.decode(predicted[row, : len(answer) - 1].tolist())) == normalize(gold)
+                for row, ((_, answer), (_, gold)) in enumerate(zip(examples, pairs))]  # the answer, not its <eos>
     examples = [qa_example(torch.tensor(tokenizer.encode(q)), torch.tensor(tokenizer.encode(a)), ids, max_seq_len)
                 for q, a in pairs]
     batch = collate(examples, tokenizer.pad_id)
-    device = next(model.parameters()).device
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
     predicted = logits.argmax(-1).cpu()  # (B, T): position t predicts token t+1
     results = []

@@ -46,6 +46,11 @@ class ModelFamily:
     """ModelConfig fields that fix parameter shapes: a checkpoint with other values cannot be loaded."""
     tp_plan: dict[str, str] | None = None
     """Module name patterns -> how AutoTP splits them (colwise / rowwise); None: no tensor parallelism."""
+    task: str = "causal_lm"
+    """How a question/answer pair becomes a batch: `causal_lm` (`<bos> question <sep> answer <eos>` in one
+    row, loss on the answer) or `seq2seq` (question to the encoder, answer as the decoder's labels)."""
+    hf_model_types: tuple[str, ...] = ()
+    """The `model_type`s of the HF folders this family continues training from (model.from_pretrained)."""
     fixed_length: bool = False
     """Pad every question/answer micro-batch to model.max_seq_len: an MoE's expert capacity is counted
     per micro-batch, and expert-parallel ranks exchange buffers of that capacity, so every rank's
@@ -71,6 +76,30 @@ class ModelFamily:
     def flops_per_token(self, cfg, model: torch.nn.Module) -> float:
         """Training FLOPs per token from the *active* parameters (an MoE counts the experts a token uses)."""
         raise NotImplementedError
+
+    def check_pretrained(self, cfg, ids: TokenIds) -> None:
+        """Refuse, with one line, a model.from_pretrained folder of another family or another tokenizer
+        than the data's (reads its config.json only)."""
+        if not cfg.from_pretrained:
+            return
+        from transformers import AutoConfig
+
+        folder = Path(cfg.from_pretrained)
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"model.from_pretrained={folder}: no config.json there; give a folder written by "
+                              "save_pretrained (a checkpoint's hf/ folder, or a downloaded model)")
+        config = AutoConfig.from_pretrained(folder)
+        if config.model_type not in self.hf_model_types:
+            owner = next((f.name for f in families().values() if config.model_type in f.hf_model_types), None)
+            hint = f"use model.family={owner}" if owner else f"no megatrain family trains {config.model_type}"
+            raise ConfigError(f"model.from_pretrained={folder} holds a {config.model_type} model, which "
+                              f"model.family={self.name} does not train; {hint}")
+        vocab = config.get_text_config().vocab_size
+        if ids.vocab_size > vocab or config.eos_token_id not in (None, ids.eos_id):
+            model_file = next(iter(sorted(folder.glob("*.model"))), folder / "<its sentencepiece .model>")
+            raise ConfigError(f"the data's tokenizer (vocab {ids.vocab_size}, eos {ids.eos_id}) is not the one of "
+                              f"{folder} (vocab {vocab}, eos {config.eos_token_id}); build the shards with that "
+                              f"folder's tokenizer (megatrain-data ... --tokenizer {model_file})")
 
     def check_tp(self, cfg, vocab_size: int, tp_degree: int) -> None:
         """Refuse, with one line, a tp_degree this model cannot be split by."""
@@ -101,8 +130,9 @@ def num_params(model: torch.nn.Module, exclude_embeddings: bool = True) -> int:
 def families() -> dict[str, ModelFamily]:
     from megatrain.model.llama import LlamaFamily
     from megatrain.model.moe import MoEFamily
+    from megatrain.model.t5 import T5Family
 
-    return {f.name: f for f in (LlamaFamily(), MoEFamily())}
+    return {f.name: f for f in (LlamaFamily(), MoEFamily(), T5Family())}
 
 
 def family(name: str) -> ModelFamily:

@@ -72,6 +72,7 @@ def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
 
 class LlamaFamily(ModelFamily):
     name = "llama"
+    hf_model_types = ("llama",)
     shape_fields = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "tie_embeddings")
     # transformers' own plan (q/k/v/gate/up column-wise, o/down row-wise), which DeepSpeed's AutoTP
     # applies when the model carries it (engine._apply_autotp_partitioning: HF tp_plan).

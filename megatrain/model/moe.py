@@ -174,6 +174,7 @@ def hf_config(cfg: ModelConfig, ids: TokenIds) -> Qwen3MoeConfig:
 
 class MoEFamily(ModelFamily):
     name = "moe"
+    hf_model_types = ("qwen3_moe",)
     shape_fields = (*LlamaFamily.shape_fields, "moe.num_experts", "moe.every", "moe.expert_intermediate_size")
     tp_plan = None  # DeepSpeed's native MoE with AutoTP is untested upstream; parallel/expert.py refuses it
     fixed_length = True
