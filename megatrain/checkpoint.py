@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from megatrain.config import Config, save_config, to_dict
+from megatrain.data.tokenizer import hf_tokenizer_config
 from megatrain.errors import CheckpointError
 from megatrain.files import atomic_write_text
 from megatrain.model import ModelFamily, family
@@ -169,6 +170,9 @@ def export_hf(engine, model_family: ModelFamily, out_dir: Path, world: World, to
                 shutil.copyfile(file, out_dir / file.name)
         else:
             shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
+        if (out_dir / "tokenizer.model").is_file() and not (out_dir / "tokenizer_config.json").is_file():
+            config = hf_tokenizer_config(out_dir / "tokenizer.model", model_family.hf_tokenizer_class)
+            atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(config, indent=2))
 
 
 class Checkpointer:

@@ -157,7 +157,9 @@ def test_hf_export_of_an_ep_run_holds_every_expert(moe_runs):
     torch.testing.assert_close(got(ids).logits, want(ids).logits, rtol=0, atol=1e-4)
     tokenizer = AutoTokenizer.from_pretrained(moe_runs[2] / "checkpoints" / "step_8" / "hf")
     own = Tokenizer(moe_runs[2] / "checkpoints" / "step_8" / "hf" / "tokenizer.model")
-    assert tokenizer("Solve 2*x = 4 for x.").input_ids[-5:] == own.encode("Solve 2*x = 4 for x.")[-5:]
+    assert tokenizer("Solve 2*x = 4 for x.").input_ids == own.encode("Solve 2*x = 4 for x.")
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id) == (own.pad_id, own.eos_id, own.bos_id)
+    assert tokenizer.convert_tokens_to_ids("<sep>") == own.sep_id
 
 
 @pytest.mark.parametrize("top_k", [1, 2])

@@ -51,6 +51,8 @@ class ModelFamily:
     row, loss on the answer) or `seq2seq` (question to the encoder, answer as the decoder's labels)."""
     hf_model_types: tuple[str, ...] = ()
     """The `model_type`s of the HF folders this family continues training from (model.from_pretrained)."""
+    hf_tokenizer_class: str = "PreTrainedTokenizerFast"
+    """What AutoTokenizer builds from the export's sentencepiece tokenizer.model (data/tokenizer.py)."""
     fixed_length: bool = False
     """Pad every question/answer micro-batch to model.max_seq_len: an MoE's expert capacity is counted
     per micro-batch, and expert-parallel ranks exchange buffers of that capacity, so every rank's

@@ -39,6 +39,7 @@ class T5Family(ModelFamily):
     shape_fields = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "tie_embeddings")
     task = "seq2seq"
     hf_model_types = ("t5",)
+    hf_tokenizer_class = "T5Tokenizer"
 
     def build(self, cfg: ModelConfig, ids: TokenIds, device_type: str = "cpu") -> T5ForConditionalGeneration:
         if cfg.from_pretrained:
