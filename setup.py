@@ -15,6 +15,8 @@ setup(
         "deepspeed>=0.19.8,<0.20",
         "transformers>=5.23,<6",
         "safetensors>=0.8",
+        # megatrain eval/generate --max-memory: transformers' device_map="auto" places and offloads through it.
+        "accelerate>=1.0",
         "sentencepiece>=0.2.3",
         "webdataset>=1.0.2",
         "numpy>=1.26",

@@ -38,18 +38,37 @@ def _train(args, overrides: list[str]) -> int:
     return 0
 
 
-def _load(checkpoint: str):
+def _load(args):
     from megatrain.checkpoint import CONFIG_NAME, resolve
     from megatrain.config import load_config
     from megatrain.data.tokenizer import Tokenizer
     from megatrain.model import family
+    from megatrain.parallel.dims import device_type
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # stdout/stderr carry only the answer or the JSON
-    path = resolve(checkpoint)
+    path = resolve(args.checkpoint)
     cfg = load_config(path / CONFIG_NAME)
-    model = family(cfg.model.family).load_hf(path / "hf")  # whole and unsharded, whatever the run's layout
+    placement = offload_placement(args.max_memory, args.offload_folder, device_type())
+    # The whole, unsharded export, whatever the run's layout.
+    model = family(cfg.model.family).load_hf(path / "hf", device_type(), **placement)
     return cfg, model.eval(), Tokenizer(path / "hf" / "tokenizer.model")
+
+
+def offload_placement(max_memory: str | None, offload_folder: str | None, device: str) -> dict:
+    """from_pretrained arguments that keep at most `max_memory` (e.g. 2GiB, 500MB) of weights on the
+    device that computes (GPU 0, else the CPU) and the rest on the CPU (with a GPU) or in
+    `offload_folder` on disk; accelerate loads each layer's weights in when the layer runs."""
+    if not max_memory:
+        if offload_folder:
+            raise MegatrainError("--offload-folder needs --max-memory: the budget decides what goes to disk")
+        return {}
+    if device == "cpu" and not offload_folder:
+        raise MegatrainError("--max-memory on a machine without a GPU needs --offload-folder DIR for the weights "
+                             "that do not fit (they are read back from there layer by layer)")
+    budget = {0: max_memory, "cpu": "1024GiB"} if device == "cuda" else {"cpu": max_memory}
+    return {"device_map": "auto", "max_memory": budget,
+            **({"offload_folder": offload_folder} if offload_folder else {})}
 
 
 def _eval(args, overrides: list[str]) -> int:
@@ -57,7 +76,7 @@ def _eval(args, overrides: list[str]) -> int:
     from megatrain.eval.qa import evaluate, load_problems
     from megatrain.parallel.dims import World
 
-    cfg, model, tokenizer = _load(args.checkpoint)
+    cfg, model, tokenizer = _load(args)
     if overrides:  # e.g. --eval.released=... to score another folder
         cfg = apply_overrides(cfg, overrides)
     limit = args.limit or cfg.eval.final_limit
@@ -72,7 +91,7 @@ def _generate(args, overrides: list[str]) -> int:
 
     if overrides:
         raise MegatrainError(f"generate takes no overrides, got {' '.join(overrides)}")
-    cfg, model, tokenizer = _load(args.checkpoint)
+    cfg, model, tokenizer = _load(args)
     print(generate_answers(model, tokenizer, [args.question], cfg.eval.max_new_tokens, cfg.model.max_seq_len)[0])
     return 0
 
@@ -142,10 +161,16 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="exact match of a checkpoint on its eval split")
     e.add_argument("checkpoint", help="checkpoints/step_<N>, or a run folder (its latest checkpoint)")
     e.add_argument("--limit", type=int, default=0, help="problems to score (default eval.final_limit)")
-    e.set_defaults(run=_eval)
     g = sub.add_parser("generate", help="greedy answer of a checkpoint to one question")
     g.add_argument("checkpoint")
     g.add_argument("question")
+    for command in (e, g):
+        command.add_argument("--max-memory", default=None, metavar="SIZE",
+                             help="weights kept on the computing device (e.g. 4GiB, 500MB), for a model larger "
+                                  "than the memory you allow; the rest is offloaded (see --offload-folder)")
+        command.add_argument("--offload-folder", default=None, metavar="DIR",
+                             help="where weights beyond --max-memory wait on disk (required without a GPU)")
+    e.set_defaults(run=_eval)
     g.set_defaults(run=_generate)
     _add_slurm_commands(sub)
     return p

@@ -84,7 +84,8 @@ class ModelConfig:
 
     family: str = "llama"
     """llama: a Llama-style decoder (transformers' Llama classes). moe: the same decoder with Switch-style
-    mixture-of-experts feed-forward layers (model.moe; HF-native as Qwen3-MoE)."""
+    mixture-of-experts feed-forward layers (model.moe; HF-native as Qwen3-MoE). t5: T5/FLAN-T5, question to
+    the encoder, answer from the decoder. switch_t5: transformers' Switch Transformers (T5 with experts)."""
     hidden_size: int = 256
     num_layers: int = 4
     num_heads: int = 4
@@ -100,7 +101,8 @@ class ModelConfig:
     from_pretrained: str = ""
     """A local Hugging Face folder (save_pretrained) to continue training from; empty = from scratch."""
     moe: MoEConfig = field(default_factory=MoEConfig)
-    """Read by model.family=moe only."""
+    """Read by model.family=moe, and by switch_t5 built from the config (num_experts, every, capacity,
+    jitter and the loss coefficients go to transformers' SwitchTransformersConfig)."""
 
     def __post_init__(self):
         if self.attention not in ("auto", "sdpa", "flash_attention_2", "eager"):

@@ -26,6 +26,7 @@ from megatrain.model import TokenIds, family
 from megatrain.model.moe import SwitchFeedForward
 from megatrain.parallel.dims import free_port
 from test_bad_input import assert_one_clear_line, tree_digest
+from test_offload import assert_offloaded_model_matches
 from test_train import assert_same_trajectory
 
 MOE = ("--model.family=moe", "--model.moe.num_experts=4")
@@ -162,6 +163,22 @@ def test_hf_export_of_an_ep_run_holds_every_expert(moe_runs):
     assert tokenizer.convert_tokens_to_ids("<sep>") == own.sep_id
 
 
+def test_training_continues_from_an_exported_folder(train_moe, moe_runs, tmp_path):
+    """model.from_pretrained of a Qwen3-MoE folder (here the EP=2 run's export) onto EP=2: the first
+    loss is the trained model's, not a fresh one's."""
+    train_moe(tmp_path / "run", f"--model.from_pretrained={moe_runs[2] / 'checkpoints' / 'step_8' / 'hf'}",
+              "--parallel.ep_degree=2", "--train.steps=2", "--optim.warmup_steps=1", "--eval.final_limit=0")
+    assert losses(tmp_path / "run")[1] < losses(moe_runs[2])[1] - 1.0
+    result = train_moe(tmp_path / "other", f"--model.from_pretrained={moe_runs[2] / 'checkpoints' / 'step_8' / 'hf'}",
+                       "--model.moe.num_experts=8", check=False)
+    assert_one_clear_line(result, "other experts", "--model.moe.num_experts=4")
+
+
+def test_eval_of_an_moe_larger_than_the_memory_budget(moe_runs, tmp_path):
+    """The EP=2 run's export on one process, some experts on disk."""
+    assert_offloaded_model_matches(moe_runs[2] / "checkpoints" / "step_8", tmp_path)
+
+
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_hf_model_computes_what_training_computes(tmp_path, top_k):
     """Without token dropping, transformers' Qwen3-MoE with the exported weights is the training model:
@@ -221,3 +238,14 @@ def test_checkpoint_of_another_family_is_refused(train_moe, reference_run, tmp_p
     result = train_moe(reference_run, "--resume", "--train.steps=10", check=False)
     assert_one_clear_line(result, "model.family: checkpoint 'llama', config 'moe'")
     assert tree_digest(reference_run / "checkpoints") == before
+
+
+def test_fewer_tokens_than_the_minimum_capacity():
+    """A decode step of fewer sequences than model.moe.min_capacity (DeepSpeed's gate asserts against
+    it) is padded inside the layer: each token's output is what it is in a full batch."""
+    torch.manual_seed(0)
+    layer = SwitchFeedForward(0, hidden_size=16, expert_size=32, moe=MoEConfig(num_experts=4, drop_tokens=False)).eval()
+    x = torch.randn(1, 6, 16)
+    with torch.no_grad():
+        full = layer(x)
+        torch.testing.assert_close(layer(x[:, :2]), full[:, :2], rtol=0, atol=1e-6)

@@ -15,6 +15,7 @@ from conftest import SMOKE, losses, run_megatrain
 from megatrain.data.loader import IGNORE_INDEX, collate_seq2seq, seq2seq_example
 from megatrain.model.t5 import untie_lm_head
 from test_bad_input import assert_one_clear_line, tree_digest
+from test_offload import assert_offloaded_model_matches
 from test_train import assert_same_trajectory
 
 T5 = ("--model.family=t5",)
@@ -86,6 +87,10 @@ def test_eval_of_a_t5_checkpoint(t5_run):
     assert result.returncode == 0, result.stderr[-2000:]
     want = {k: v for k, v in json.loads((t5_run / "eval.json").read_text()).items() if k not in ("step", "examples")}
     assert json.loads(result.stdout.splitlines()[0]) == want
+
+
+def test_eval_of_a_t5_larger_than_the_memory_budget(t5_run, tmp_path):
+    assert_offloaded_model_matches(t5_run / "checkpoints" / "step_8", tmp_path)
 
 
 @pytest.fixture(scope="session")
@@ -169,3 +174,46 @@ def test_bad_t5_input(case, flan_folder, flan_shards, dm_data, reference_run, tm
     result = run_megatrain("train", SMOKE, "--nproc", 2, f"--run.dir={tmp_path / 'run'}", *overrides)
     assert_one_clear_line(result, *needles)
     assert not (tmp_path / "run").exists() and tree_digest(flan_folder) == before
+
+
+SWITCH = ("--model.family=switch_t5", "--model.moe.num_experts=4", "--model.moe.every=1")
+
+
+@pytest.fixture(scope="session")
+def switch_run(train_smoke, tmp_path_factory):
+    """transformers' Switch Transformers from the config (2+2 sparse layers, 4 experts), ZeRO-2 with the
+    optimizer offloaded to the CPU, 2 ranks: the "with offload" of a Switch fine-tune."""
+    run = tmp_path_factory.mktemp("switch") / "run"
+    train_smoke(run, *SWITCH, "--parallel.offload_optimizer=true", "--eval.final_limit=0")
+    return run
+
+
+def test_switch_transformers_learns_with_zero2_offload_and_logs_router_losses(switch_run):
+    got = losses(switch_run)
+    assert got[8] < got[1] - 1.0, got
+    for record in map(json.loads, (switch_run / "metrics.jsonl").read_text().splitlines()):
+        # HF's loss holds its router z-loss and aux loss with the Switch defaults' coefficients.
+        want = record["loss_part/lm"] + 0.001 * record["loss_part/z"] + 0.01 * record["loss_part/aux"]
+        assert record["loss"] == pytest.approx(want, rel=1e-5) and record["loss_part/aux"] > 0
+
+
+def test_switch_transformers_export_loads_and_continues(train_smoke, switch_run, tmp_path):
+    """The checkpoint's hf/ is a SwitchTransformers folder; fine-tuning continues from it (as from a
+    downloaded switch-base-8): its first loss is the trained model's, not a fresh one's."""
+    folder = switch_run / "checkpoints" / "step_8" / "hf"
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder)
+    assert type(model).__name__ == "SwitchTransformersForConditionalGeneration"
+    assert len(model.encoder.block[0].layer[1].mlp.experts) == 4
+    train_smoke(tmp_path / "run", *SWITCH, f"--model.from_pretrained={folder}", "--eval.final_limit=0",
+                "--train.steps=2", "--optim.warmup_steps=1")
+    assert losses(tmp_path / "run")[1] < losses(switch_run)[1] - 1.0
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    (("--parallel.ep_degree=2",), ("ep_degree=2", "no expert parallelism")),
+    (("--parallel.zero_stage=3",), ("zero_stage=2", "offload_optimizer")),
+])
+def test_bad_switch_transformers_layouts(dm_data, tmp_path, overrides, needles):
+    result = run_megatrain("train", SMOKE, "--nproc", 2, f"--run.dir={tmp_path / 'run'}",
+                           f"--data.shards={dm_data['shards']}", *SWITCH, *overrides)
+    assert_one_clear_line(result, *needles)

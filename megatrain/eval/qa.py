@@ -61,7 +61,7 @@ def generate_answers(model, tokenizer: Tokenizer, questions: list[str], max_new_
                      max_seq_len: int) -> list[str]:
     """Greedy answers for a batch of questions: a decoder continues `<bos> question <sep>` (left-padded so
     every row generates from its end); an encoder-decoder reads `question <eos>` and writes the answer."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     if model.config.is_encoder_decoder:
         no_answer = np.zeros(0, dtype=np.int64)
         examples = [seq2seq_example(np.array(tokenizer.encode(q)), no_answer, {"eos": tokenizer.eos_id}, max_seq_len)
@@ -85,6 +85,13 @@ def generate_answers(model, tokenizer: Tokenizer, questions: list[str], max_new_
     return [_until_eos(tokenizer, row) for row in out[:, width:].tolist()]
 
 
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a batch goes: the first parameter's device; the CPU when that parameter is offloaded to
+    disk (accelerate keeps it on the meta device and moves each layer's inputs itself)."""
+    device = next(model.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
 def _until_eos(tokenizer: Tokenizer, row: list[int]) -> str:
     if tokenizer.eos_id in row:
         row = row[: row.index(tokenizer.eos_id)]
@@ -96,7 +103,7 @@ def teacher_forced(model, tokenizer: Tokenizer, pairs: list[tuple[str, str]], ma
     """Whether the argmax at every answer position, given the gold answer so far, is the gold token
     (CyberSolve's metric)."""
     ids = {"bos": tokenizer.bos_id, "sep": tokenizer.sep_id, "eos": tokenizer.eos_id}
-    device = next(model.parameters()).device
+    device = input_device(model)
     if model.config.is_encoder_decoder:
         examples = [seq2seq_example(np.array(tokenizer.encode(q)), np.array(tokenizer.encode(a)), ids, max_seq_len)
                     for q, a in pairs]

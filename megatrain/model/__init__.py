@@ -61,8 +61,10 @@ class ModelFamily:
     def build(self, cfg, ids: TokenIds, device_type: str = "cpu") -> torch.nn.Module:
         raise NotImplementedError
 
-    def load_hf(self, path: str | Path, device_type: str = "cpu") -> torch.nn.Module:
-        """A model from a local `save_pretrained` folder, in fp32."""
+    def load_hf(self, path: str | Path, device_type: str = "cpu", **placement) -> torch.nn.Module:
+        """A model from a local `save_pretrained` folder, in fp32. `placement`: from_pretrained's
+        device_map / max_memory / offload_folder, for a model larger than the memory allowed
+        (megatrain eval/generate --max-memory)."""
         raise NotImplementedError
 
     def hf_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
@@ -132,9 +134,10 @@ def num_params(model: torch.nn.Module, exclude_embeddings: bool = True) -> int:
 def families() -> dict[str, ModelFamily]:
     from megatrain.model.llama import LlamaFamily
     from megatrain.model.moe import MoEFamily
+    from megatrain.model.switch_t5 import SwitchT5Family
     from megatrain.model.t5 import T5Family
 
-    return {f.name: f for f in (LlamaFamily(), MoEFamily(), T5Family())}
+    return {f.name: f for f in (LlamaFamily(), MoEFamily(), T5Family(), SwitchT5Family())}
 
 
 def family(name: str) -> ModelFamily:

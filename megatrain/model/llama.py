@@ -81,9 +81,9 @@ class LlamaFamily(ModelFamily):
     def build(self, cfg: ModelConfig, ids: TokenIds, device_type: str = "cpu") -> LlamaForCausalLM:
         return build_model(cfg, ids.vocab_size, ids.pad_id, ids.bos_id, ids.eos_id, device_type)
 
-    def load_hf(self, path, device_type: str = "cpu") -> LlamaForCausalLM:
+    def load_hf(self, path, device_type: str = "cpu", **placement) -> LlamaForCausalLM:
         return LlamaForCausalLM.from_pretrained(path, attn_implementation=pick_attention("auto", device_type),
-                                                dtype=torch.float32)
+                                                dtype=torch.float32, **placement)
 
     def flops_per_token(self, cfg: ModelConfig, model: torch.nn.Module) -> float:
         return flops_per_token(cfg, num_params(model), cfg.max_seq_len)

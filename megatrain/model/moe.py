@@ -20,6 +20,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from megatrain.config import ModelConfig, MoEConfig
+from megatrain.errors import ConfigError
 from megatrain.model import ModelFamily, ModelOutput, TokenIds, num_params
 from megatrain.model.llama import LlamaFamily, flops_per_token, pick_attention
 
@@ -90,12 +91,16 @@ class SwitchFeedForward(torch.nn.Module):
         self.load = (counts.float() / counts.sum().clamp(min=1)).detach()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        out, self.aux_loss, _ = self.moe(hidden_states)
+        tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
+        short = self.cfg.min_capacity - tokens.shape[0]
+        if short > 0:  # DeepSpeed's gate asserts tokens >= min_capacity: a decode step of a few sequences
+            tokens = torch.cat([tokens, tokens.new_zeros(short, tokens.shape[1])])
+        out, self.aux_loss, _ = self.moe(tokens)
         # ST-MoE's z-loss keeps router logits small (bf16 softmax stays exact). DeepSpeed's gate does not
         # return its logits, so they are recomputed: a (tokens x hidden) x (hidden x experts) matmul.
-        logits = F.linear(hidden_states.reshape(-1, hidden_states.shape[-1]).float(), self.router.weight.float())
+        logits = F.linear(tokens.float(), self.router.weight.float())
         self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()
-        return out
+        return out[: len(out) - max(short, 0)].reshape(hidden_states.shape)
 
     def weighted_loss(self) -> torch.Tensor:
         """This layer's term of the training loss (the coefficients are model.moe's)."""
@@ -190,10 +195,27 @@ class MoEFamily(ModelFamily):
             model = Qwen3MoeForCausalLM(config)
         return replace_sparse_blocks(model, cfg.moe)
 
-    def load_hf(self, path, device_type: str = "cpu") -> Qwen3MoeForCausalLM:
+    def check_pretrained(self, cfg: ModelConfig, ids: TokenIds) -> None:
+        """As every family, and model.moe must describe the folder's experts (the MoE layers are built from it)."""
+        super().check_pretrained(cfg, ids)
+        if not cfg.from_pretrained:
+            return
+        config = Qwen3MoeConfig.from_pretrained(cfg.from_pretrained)
+        if config.mlp_only_layers:
+            raise ConfigError(f"model.from_pretrained={cfg.from_pretrained} has dense layers at mlp_only_layers="
+                              f"{config.mlp_only_layers}; model.family=moe places MoE layers by model.moe.every only")
+        folder = {"num_experts": config.num_experts, "top_k": config.num_experts_per_tok,
+                  "every": config.decoder_sparse_step, "expert_intermediate_size": config.moe_intermediate_size}
+        ours = {**vars(cfg.moe), "expert_intermediate_size": cfg.moe.expert_intermediate_size or cfg.intermediate_size}
+        fixes = [f"--model.moe.{k}={v}" for k, v in folder.items() if ours[k] != v]
+        if fixes:
+            raise ConfigError(f"model.from_pretrained={cfg.from_pretrained} has other experts than model.moe; "
+                              f"set {' '.join(fixes)}")
+
+    def load_hf(self, path, device_type: str = "cpu", **placement) -> Qwen3MoeForCausalLM:
         """The exported model as HF runs it: every token reaches its experts (no capacity limit)."""
         return Qwen3MoeForCausalLM.from_pretrained(path, attn_implementation=pick_attention("auto", device_type),
-                                                   dtype=torch.float32)
+                                                   dtype=torch.float32, **placement)
 
     def hf_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         """The HF (Qwen3-MoE) state dict on rank 0, every expert gathered from its EP rank; None elsewhere.

@@ -49,9 +49,8 @@ class T5Family(ModelFamily):
             untie_lm_head(model)
         return model
 
-    def load_hf(self, path, device_type: str = "cpu") -> T5ForConditionalGeneration:
-        # T5's attention has its own relative-position bias, which transformers' SDPA path takes as a mask.
-        return T5ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    def load_hf(self, path, device_type: str = "cpu", **placement) -> T5ForConditionalGeneration:
+        return T5ForConditionalGeneration.from_pretrained(path, dtype=torch.float32, **placement)
 
     def flops_per_token(self, cfg: ModelConfig, model: torch.nn.Module) -> float:
         """6N/2 per token (question and answer tokens counted alike): each token passes one of the two

@@ -18,6 +18,18 @@ from megatrain.parallel.dims import ParallelDims
 def check(cfg: Config, dims: ParallelDims) -> None:
     """Every MoE layout DeepSpeed's MoE layer cannot train, refused with one line each."""
     p, moe = cfg.parallel, cfg.model.moe
+    if cfg.model.family == "switch_t5":
+        if p.ep_degree > 1:
+            raise ConfigError(f"parallel.ep_degree={p.ep_degree}: model.family=switch_t5 routes with transformers' own "
+                              "layer, which has no expert parallelism; use parallel.ep_degree=1 (ZeRO-2 with "
+                              "parallel.offload_optimizer=true for memory), or model.family=moe")
+        if p.zero_stage == 3:
+            # Each rank runs only the experts its tokens chose, so ZeRO-3 would gather different
+            # parameters on different ranks.
+            raise ConfigError("model.family=switch_t5 trains with parallel.zero_stage 0, 1 or 2 (ranks run different "
+                              "experts, which ZeRO-3's parameter gathering cannot follow); use zero_stage=2 with "
+                              "parallel.offload_optimizer=true")
+        return
     if cfg.model.family != "moe":
         if p.ep_degree > 1:
             raise ConfigError(f"parallel.ep_degree={p.ep_degree}: model.family={cfg.model.family} has no experts; "

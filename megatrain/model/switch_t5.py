@@ -1,0 +1,65 @@
+"""transformers' Switch Transformers (`model.family=switch_t5`): the T5-style encoder-decoder with
+mixture-of-experts feed-forward layers of the Switch paper (e.g. a local `google/switch-base-8`
+folder), fine-tuned question -> answer like T5, with transformers' own top-1 router.
+
+The router's capacity, jitter, z-loss and load-balancing loss are HF's (SwitchTransformersTop1Router);
+they are logged as loss parts. Its experts live on every rank (no expert parallelism: HF's layer
+has none), so the memory answer is ZeRO-2 with the optimizer offloaded to the CPU. For expert
+parallelism train `model.family=moe`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+from megatrain.config import ModelConfig
+from megatrain.model import ModelOutput, TokenIds
+from megatrain.model.t5 import T5Family
+
+
+def hf_config(cfg: ModelConfig, ids: TokenIds) -> SwitchTransformersConfig:
+    moe = cfg.moe
+    sparse = cfg.num_layers // moe.every  # HF places them every num_layers // num_sparse layers
+    # HF counts capacity per sequence: an expert takes at most this many of one sequence's tokens.
+    capacity = max(moe.min_capacity, math.ceil(moe.capacity_factor * cfg.max_seq_len / moe.num_experts))
+    return SwitchTransformersConfig(
+        vocab_size=ids.vocab_size, d_model=cfg.hidden_size, d_kv=cfg.hidden_size // cfg.num_heads,
+        d_ff=cfg.intermediate_size, num_layers=cfg.num_layers, num_decoder_layers=cfg.num_layers,
+        num_heads=cfg.num_heads, num_experts=moe.num_experts, expert_capacity=capacity,
+        num_sparse_encoder_layers=sparse, num_sparse_decoder_layers=sparse,
+        router_jitter_noise=0.01 if moe.jitter else 0.0, router_z_loss_coef=moe.z_loss_coef,
+        router_aux_loss_coef=moe.aux_loss_coef, dropout_rate=0.0, tie_word_embeddings=cfg.tie_embeddings,
+        pad_token_id=ids.pad_id, eos_token_id=ids.eos_id, decoder_start_token_id=ids.pad_id)
+
+
+class SwitchT5Family(T5Family):
+    name = "switch_t5"
+    shape_fields = (*T5Family.shape_fields, "moe.num_experts", "moe.every")
+    hf_model_types = ("switch_transformers",)
+
+    def build(self, cfg: ModelConfig, ids: TokenIds, device_type: str = "cpu"):
+        if cfg.from_pretrained:
+            return self.load_hf(cfg.from_pretrained, device_type)
+        return SwitchTransformersForConditionalGeneration(hf_config(cfg, ids))
+
+    def load_hf(self, path, device_type: str = "cpu", **placement):
+        return SwitchTransformersForConditionalGeneration.from_pretrained(path, dtype=torch.float32, **placement)
+
+    def forward(self, model: torch.nn.Module, batch: dict) -> ModelOutput:
+        out = model(**batch, use_cache=False, output_router_logits=True)
+        config = getattr(model, "module", model).config
+        z = out.encoder_z_loss + out.decoder_z_loss
+        aux = out.encoder_aux_loss + out.decoder_aux_loss
+        # HF's loss already holds both router terms, weighted by the config's coefficients.
+        lm = out.loss - config.router_z_loss_coef * z - config.router_aux_loss_coef * aux
+        parts = {"loss_part/lm": lm.detach(), "loss_part/aux": aux.detach(), "loss_part/z": z.detach()}
+        return ModelOutput(out.loss, out.logits, parts)
+
+    def flops_per_token(self, cfg: ModelConfig, model: torch.nn.Module) -> float:
+        """As T5, counting one expert of each sparse layer (top-1) instead of all of them."""
+        experts = [m for name, m in model.named_modules() if name.endswith(".mlp.experts")]
+        inactive = sum(p.numel() for e in experts for p in e.parameters()) * (1 - 1 / model.config.num_experts)
+        return super().flops_per_token(cfg, model) - 6 * inactive / 2
