@@ -24,7 +24,7 @@ def assert_offloaded_model_matches(checkpoint, tmp_path, budget: str = "100KB") 
     offloaded = model_family.load_hf(hf, **offload_placement(budget, str(tmp_path / "offload"), "cpu")).eval()
     assert "disk" in set(offloaded.hf_device_map.values()), offloaded.hf_device_map
     ids = torch.randint(4, whole.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-    extra = {"labels": ids[:, :5]} if whole.config.is_encoder_decoder else {}
+    extra = {"labels": ids[:, :5].clone()} if whole.config.is_encoder_decoder else {}
     with torch.no_grad():
         torch.testing.assert_close(offloaded(input_ids=ids, **extra).logits, whole(input_ids=ids, **extra).logits,
                                    rtol=0, atol=1e-5)

@@ -14,6 +14,7 @@ import math
 
 import torch
 from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersExperts
 
 from megatrain.config import ModelConfig
 from megatrain.model import ModelOutput, TokenIds
@@ -35,6 +36,33 @@ def hf_config(cfg: ModelConfig, ids: TokenIds) -> SwitchTransformersConfig:
         pad_token_id=ids.pad_id, eos_token_id=ids.eos_id, decoder_start_token_id=ids.pad_id)
 
 
+class EveryExpertRuns(SwitchTransformersExperts):
+    """HF's expert loop, run over every expert, those no token chose included (on zero rows).
+
+    HF runs only the experts some token chose, so ranks would differ in which parameters get a
+    gradient and in what order; DeepSpeed's data-parallel gradient reduction (buckets filled as
+    gradients arrive) then sends different sizes from different ranks and the collective fails
+    ("Received data size doesn't match", seen on gloo). An expert on zero rows costs nothing and
+    gives a zero gradient, in the same order on every rank.
+    """
+
+    def forward(self, hidden_states, selected_experts, routing_weights):
+        final_hidden_states = torch.zeros_like(hidden_states)
+        expert_mask = selected_experts.permute(2, 1, 0)  # (experts, top-k, tokens)
+        for expert_idx in range(self.num_experts):
+            idx, top_x = torch.where(expert_mask[expert_idx])
+            current = self[f"expert_{expert_idx}"](hidden_states[top_x]) * routing_weights[top_x, idx, None]
+            final_hidden_states.index_add_(0, top_x, current.to(hidden_states.dtype))
+        return final_hidden_states
+
+
+def run_every_expert(model: torch.nn.Module) -> torch.nn.Module:
+    for module in model.modules():
+        if type(module) is SwitchTransformersExperts:
+            module.__class__ = EveryExpertRuns  # same parameters, the loop above
+    return model
+
+
 class SwitchT5Family(T5Family):
     name = "switch_t5"
     shape_fields = (*T5Family.shape_fields, "moe.num_experts", "moe.every")
@@ -42,8 +70,8 @@ class SwitchT5Family(T5Family):
 
     def build(self, cfg: ModelConfig, ids: TokenIds, device_type: str = "cpu"):
         if cfg.from_pretrained:
-            return self.load_hf(cfg.from_pretrained, device_type)
-        return SwitchTransformersForConditionalGeneration(hf_config(cfg, ids))
+            return run_every_expert(self.load_hf(cfg.from_pretrained, device_type))
+        return run_every_expert(SwitchTransformersForConditionalGeneration(hf_config(cfg, ids)))
 
     def load_hf(self, path, device_type: str = "cpu", **placement):
         return SwitchTransformersForConditionalGeneration.from_pretrained(path, dtype=torch.float32, **placement)
@@ -51,8 +79,9 @@ class SwitchT5Family(T5Family):
     def forward(self, model: torch.nn.Module, batch: dict) -> ModelOutput:
         out = model(**batch, use_cache=False, output_router_logits=True)
         config = getattr(model, "module", model).config
-        z = out.encoder_z_loss + out.decoder_z_loss
-        aux = out.encoder_aux_loss + out.decoder_aux_loss
+        # HF gives a plain 0 for a stack without router losses (a folder whose every layer is sparse).
+        z, aux = (torch.as_tensor(a + b, dtype=out.loss.dtype, device=out.loss.device)
+                  for a, b in ((out.encoder_z_loss, out.decoder_z_loss), (out.encoder_aux_loss, out.decoder_aux_loss)))
         # HF's loss already holds both router terms, weighted by the config's coefficients.
         lm = out.loss - config.router_z_loss_coef * z - config.router_aux_loss_coef * aux
         parts = {"loss_part/lm": lm.detach(), "loss_part/aux": aux.detach(), "loss_part/z": z.detach()}

@@ -23,6 +23,12 @@ def check(cfg: Config, dims: ParallelDims) -> None:
             raise ConfigError(f"parallel.ep_degree={p.ep_degree}: model.family=switch_t5 routes with transformers' own "
                               "layer, which has no expert parallelism; use parallel.ep_degree=1 (ZeRO-2 with "
                               "parallel.offload_optimizer=true for memory), or model.family=moe")
+        if moe.every < 2 and not cfg.model.from_pretrained:
+            # modeling_switch_transformers.py (transformers 5.24) adds its router losses only for a sparse
+            # step > 1: with every layer sparse the routers would train without them.
+            raise ConfigError("model.moe.every=1: transformers' Switch Transformers computes its router z-loss and "
+                              "load-balancing loss only when sparse layers alternate with dense ones; use "
+                              "model.moe.every=2 (as switch-base-8)")
         if p.zero_stage == 3:
             # Each rank runs only the experts its tokens chose, so ZeRO-3 would gather different
             # parameters on different ranks.
