@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from megatrain.config import Config, save_config, to_dict
-from megatrain.data.tokenizer import hf_tokenizer_config
+from megatrain.data.tokenizer import Tokenizer, hf_tokenizer_config
 from megatrain.errors import CheckpointError
 from megatrain.files import atomic_write_text
 from megatrain.model import ModelFamily, family
@@ -93,7 +93,8 @@ def check_elastic(ckpt_dir: Path, cfg: Config, world_size: int) -> None:
     """
     saved, saved_tp, saved_ep = saved_layout(ckpt_dir)
     tp, stage = cfg.parallel.tp_degree, cfg.parallel.zero_stage
-    if cfg.model.family == "moe" and (saved not in (None, world_size) or saved_ep != cfg.parallel.ep_degree):
+    expert_files = family(cfg.model.family).expert_parallel
+    if expert_files and (saved not in (None, world_size) or saved_ep != cfg.parallel.ep_degree):
         # DeepSpeed writes one file per expert and the optimizer state per expert-parallel rank; its
         # universal-checkpoint converter fails on them (0.19.8, measured: ds_to_universal stops in
         # _merge_zero_shards with "shape '[128, 64]' is invalid" for an expert's weight).
@@ -171,7 +172,7 @@ def export_hf(engine, model_family: ModelFamily, out_dir: Path, world: World, to
         else:
             shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
         if (out_dir / "tokenizer.model").is_file() and not (out_dir / "tokenizer_config.json").is_file():
-            config = hf_tokenizer_config(out_dir / "tokenizer.model", model_family.hf_tokenizer_class)
+            config = hf_tokenizer_config(Tokenizer(out_dir / "tokenizer.model"), model_family.hf_tokenizer_class)
             atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(config, indent=2))
 
 

@@ -32,8 +32,7 @@ class Metrics:
     (unpadded) tokens of all ranks, so padding does not inflate it. With several data sources, each
     line also has `loss/<source>`: that source's token-weighted loss over the same steps. A family whose
     model reports named figures (ModelOutput.parts: an MoE's `loss_part/aux`, `moe/layer1/load_e0`) gets
-their averages too. Tokens of a tensor-parallel
-    group count once.
+    their averages too. Tokens of a tensor-parallel group count once.
     """
 
     def __init__(self, run_dir: str, log_interval: int, world: World, total_steps: int, start_step: int,

@@ -110,15 +110,15 @@ def fetch(loader, accumulation: int) -> tuple[list[dict], str | None]:
 
 @torch.no_grad()
 def loss_by_source(logits: torch.Tensor, labels: torch.Tensor, source: torch.Tensor,
-                   num_sources: int, split_vocab: bool = False, shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                   num_sources: int, split_vocab: bool = False,
+                   shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed token loss and label-token count per source, from a batch's logits (B, T, V); with
     split_vocab, V is this tensor-parallel rank's slice of the vocabulary. shift: a decoder's position
     t predicts label t+1 (causal LM); a seq2seq decoder's logits line up with its labels."""
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
-    shifted = labels
-    token_loss = parallelize.token_cross_entropy(logits.float(), shifted, IGNORE_INDEX, split_vocab)  # (B, T')
-    counted = (shifted != IGNORE_INDEX).float()
+    token_loss = parallelize.token_cross_entropy(logits.float(), labels, IGNORE_INDEX, split_vocab)  # (B, T')
+    counted = (labels != IGNORE_INDEX).float()
     zeros = torch.zeros(num_sources, dtype=torch.float64)
     return (zeros.index_add(0, source, (token_loss * counted).sum(1).double().cpu()),
             zeros.index_add(0, source, counted.sum(1).double().cpu()))

@@ -33,18 +33,11 @@ MOE = ("--model.family=moe", "--model.moe.num_experts=4")
 
 
 @pytest.fixture(scope="session")
-def train_moe(train_smoke):
-    def train(run_dir, *overrides, **kw):
-        return train_smoke(run_dir, *MOE, *overrides, **kw)
-    return train
-
-
-@pytest.fixture(scope="session")
-def moe_runs(train_moe, tmp_path_factory):
+def moe_runs(train_smoke, tmp_path_factory):
     """EP=1 and EP=2 on 2 ranks (ZeRO-2, fp32, tokens dropped at capacity 1.25), with the final eval."""
     root = tmp_path_factory.mktemp("moe")
     for ep in (1, 2):
-        train_moe(root / f"ep{ep}", f"--parallel.ep_degree={ep}")
+        train_smoke(root / f"ep{ep}", *MOE, f"--parallel.ep_degree={ep}")
     return {1: root / "ep1", 2: root / "ep2"}
 
 
@@ -68,9 +61,10 @@ def test_ep2_matches_ep1_with_tokens_dropped(moe_runs):
 
 @pytest.mark.parametrize("nproc, extra", [(2, ("--model.moe.drop_tokens=false",)), (4, ())],
                          ids=["no_token_dropping", "dp4_ep2"])
-def test_ep2_matches_ep1(train_moe, tmp_path, nproc, extra):
+def test_ep2_matches_ep1(train_smoke, tmp_path, nproc, extra):
     for ep in (1, 2):
-        train_moe(tmp_path / f"ep{ep}", f"--parallel.ep_degree={ep}", "--eval.final_limit=0", *extra, nproc=nproc)
+        train_smoke(tmp_path / f"ep{ep}", *MOE, f"--parallel.ep_degree={ep}", "--eval.final_limit=0", *extra,
+                    nproc=nproc)
     assert_same_trajectory(losses(tmp_path / "ep2"), losses(tmp_path / "ep1"), rel=1e-6)
 
 
@@ -117,21 +111,21 @@ def test_each_ep_rank_holds_its_experts_and_shared_weights_agree(dm_data, deepsp
         assert not torch.allclose(experts[0][0][0], experts[1][2][0])
 
 
-def test_resume_is_exact_and_keeps_the_layout(train_moe, moe_runs, tmp_path):
+def test_resume_is_exact_and_keeps_the_layout(train_smoke, moe_runs, tmp_path):
     run = tmp_path / "run"
-    train_moe(run, "--parallel.ep_degree=2", "--train.exit_interval=3", "--eval.final_limit=0")
-    train_moe(run, "--parallel.ep_degree=2", "--resume", "--eval.final_limit=0")
+    train_smoke(run, *MOE, "--parallel.ep_degree=2", "--train.exit_interval=3", "--eval.final_limit=0")
+    train_smoke(run, *MOE, "--parallel.ep_degree=2", "--resume", "--eval.final_limit=0")
     assert losses(run) == losses(moe_runs[2])  # measured bit-identical
     before = tree_digest(run / "checkpoints")
-    result = train_moe(run, "--parallel.ep_degree=1", "--resume", "--train.steps=10", check=False)
+    result = train_smoke(run, *MOE, "--parallel.ep_degree=1", "--resume", "--train.steps=10", check=False)
     assert_one_clear_line(result, "parallel.ep_degree=2", "same layout")
     assert tree_digest(run / "checkpoints") == before
 
 
-def test_zero2_with_cpu_offload_learns(train_moe, moe_runs, tmp_path):
+def test_zero2_with_cpu_offload_learns(train_smoke, moe_runs, tmp_path):
     """ZeRO-2 with the optimizer on the CPU (DeepSpeedCPUAdam over the expert and shared groups)."""
-    train_moe(tmp_path / "run", "--parallel.ep_degree=2", "--parallel.offload_optimizer=true",
-              "--eval.final_limit=0")
+    train_smoke(tmp_path / "run", *MOE, "--parallel.ep_degree=2", "--parallel.offload_optimizer=true",
+                "--eval.final_limit=0")
     got = losses(tmp_path / "run")
     assert got[8] < got[1] - 1.0
     # DeepSpeedCPUAdam and torch's AdamW round differently: 6e-7 apart measured over 8 steps.
@@ -141,8 +135,8 @@ def test_zero2_with_cpu_offload_learns(train_moe, moe_runs, tmp_path):
 @pytest.mark.parametrize("overrides", [("--parallel.zero_stage=1", "--precision=bf16"),
                                        ("--parallel.zero_stage=0", "--parallel.activation_checkpointing=true")],
                          ids=["zero1_bf16", "zero0_activation_checkpointing"])
-def test_other_zero_stages_precisions_and_checkpointing(train_moe, moe_runs, tmp_path, overrides):
-    train_moe(tmp_path / "run", "--parallel.ep_degree=2", "--eval.final_limit=0", *overrides)
+def test_other_zero_stages_precisions_and_checkpointing(train_smoke, moe_runs, tmp_path, overrides):
+    train_smoke(tmp_path / "run", *MOE, "--parallel.ep_degree=2", "--eval.final_limit=0", *overrides)
     got, want = losses(tmp_path / "run"), losses(moe_runs[2])
     # bf16 rounds activations (measured 2.4e-3 apart at most); ZeRO-0 sums gradients in another order.
     assert all(abs(got[s] - want[s]) < 0.02 for s in want), (got, want)
@@ -159,18 +153,20 @@ def test_hf_export_of_an_ep_run_holds_every_expert(moe_runs):
     tokenizer = AutoTokenizer.from_pretrained(moe_runs[2] / "checkpoints" / "step_8" / "hf")
     own = Tokenizer(moe_runs[2] / "checkpoints" / "step_8" / "hf" / "tokenizer.model")
     assert tokenizer("Solve 2*x = 4 for x.").input_ids == own.encode("Solve 2*x = 4 for x.")
-    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id) == (own.pad_id, own.eos_id, own.bos_id)
+    special = (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
+    assert special == (own.pad_id, own.eos_id, own.bos_id)
     assert tokenizer.convert_tokens_to_ids("<sep>") == own.sep_id
 
 
-def test_training_continues_from_an_exported_folder(train_moe, moe_runs, tmp_path):
+def test_training_continues_from_an_exported_folder(train_smoke, moe_runs, tmp_path):
     """model.from_pretrained of a Qwen3-MoE folder (here the EP=2 run's export) onto EP=2: the first
     loss is the trained model's, not a fresh one's."""
-    train_moe(tmp_path / "run", f"--model.from_pretrained={moe_runs[2] / 'checkpoints' / 'step_8' / 'hf'}",
-              "--parallel.ep_degree=2", "--train.steps=2", "--optim.warmup_steps=1", "--eval.final_limit=0")
+    exported = moe_runs[2] / "checkpoints" / "step_8" / "hf"
+    train_smoke(tmp_path / "run", *MOE, f"--model.from_pretrained={exported}",
+                "--parallel.ep_degree=2", "--train.steps=2", "--optim.warmup_steps=1", "--eval.final_limit=0")
     assert losses(tmp_path / "run")[1] < losses(moe_runs[2])[1] - 1.0
-    result = train_moe(tmp_path / "other", f"--model.from_pretrained={moe_runs[2] / 'checkpoints' / 'step_8' / 'hf'}",
-                       "--model.moe.num_experts=8", check=False)
+    result = train_smoke(tmp_path / "other", *MOE, f"--model.from_pretrained={exported}",
+                         "--model.moe.num_experts=8", check=False)
     assert_one_clear_line(result, "other experts", "--model.moe.num_experts=4")
 
 
@@ -232,10 +228,10 @@ def test_bad_moe_settings(dm_data, tmp_path, overrides, nproc, needles):
     assert not (tmp_path / "run").exists()
 
 
-def test_checkpoint_of_another_family_is_refused(train_moe, reference_run, tmp_path):
+def test_checkpoint_of_another_family_is_refused(train_smoke, reference_run, tmp_path):
     """A dense (llama) checkpoint given to the MoE recipe: one line, nothing changed."""
     before = tree_digest(reference_run / "checkpoints")
-    result = train_moe(reference_run, "--resume", "--train.steps=10", check=False)
+    result = train_smoke(reference_run, *MOE, "--resume", "--train.steps=10", check=False)
     assert_one_clear_line(result, "model.family: checkpoint 'llama', config 'moe'")
     assert tree_digest(reference_run / "checkpoints") == before
 

@@ -22,17 +22,10 @@ T5 = ("--model.family=t5",)
 
 
 @pytest.fixture(scope="session")
-def train_t5(train_smoke):
-    def train(run_dir, *overrides, **kw):
-        return train_smoke(run_dir, *T5, *overrides, **kw)
-    return train
-
-
-@pytest.fixture(scope="session")
-def t5_run(train_t5, tmp_path_factory):
+def t5_run(train_smoke, tmp_path_factory):
     """T5 from the config (FLAN-T5's layout, tiny), ZeRO-2, fp32, 2 ranks, with the final eval."""
     run = tmp_path_factory.mktemp("t5") / "zero2"
-    train_t5(run)
+    train_smoke(run, *T5)
     return run
 
 
@@ -62,8 +55,8 @@ def test_t5_learns_and_reports_both_exact_matches(t5_run):
 @pytest.mark.parametrize("overrides", [("--parallel.zero_stage=3",), ("--parallel.zero_stage=0",),
                                        ("--parallel.activation_checkpointing=true",)],
                          ids=["zero3", "zero0", "activation_checkpointing"])
-def test_t5_zero_stages_and_checkpointing_match(train_t5, t5_run, tmp_path, overrides):
-    train_t5(tmp_path / "run", "--eval.final_limit=0", *overrides)
+def test_t5_zero_stages_and_checkpointing_match(train_smoke, t5_run, tmp_path, overrides):
+    train_smoke(tmp_path / "run", *T5, "--eval.final_limit=0", *overrides)
     # The stages sum the same fp32 numbers in another order (as the decoder's tests, test_train.py).
     assert_same_trajectory(losses(tmp_path / "run"), losses(t5_run), rel=1e-5)
     if overrides == ("--parallel.zero_stage=3",):  # the export gathers ZeRO-3's partitions: the same model
@@ -75,8 +68,8 @@ def test_t5_zero_stages_and_checkpointing_match(train_t5, t5_run, tmp_path, over
                                    want(input_ids=ids, labels=labels).logits, rtol=0, atol=1e-4)
 
 
-def test_t5_bf16_learns(train_t5, t5_run, tmp_path):
-    train_t5(tmp_path / "run", "--precision=bf16", "--parallel.zero_stage=1", "--eval.final_limit=0")
+def test_t5_bf16_learns(train_smoke, t5_run, tmp_path):
+    train_smoke(tmp_path / "run", *T5, "--precision=bf16", "--parallel.zero_stage=1", "--eval.final_limit=0")
     got, want = losses(tmp_path / "run"), losses(t5_run)
     assert got[8] < got[1] - 1.0 and all(abs(got[s] - want[s]) < 0.05 for s in want), (got, want)
 
@@ -133,11 +126,11 @@ def run_megatrain_data(*args):
                           text=True, timeout=300)
 
 
-def test_fine_tune_a_flan_t5_folder_on_shards_of_its_own_tokenizer(train_t5, flan_folder, flan_shards, tmp_path):
+def test_fine_tune_a_flan_t5_folder_on_shards_of_its_own_tokenizer(train_smoke, flan_folder, flan_shards, tmp_path):
     manifest = json.loads((flan_shards / "manifest.json").read_text())
     assert (manifest["pad_id"], manifest["eos_id"], manifest["bos_id"], manifest["sep_id"]) == (0, 1, None, None)
     run = tmp_path / "run"
-    train_t5(run, f"--model.from_pretrained={flan_folder}", f"--data.shards={flan_shards}")
+    train_smoke(run, *T5, f"--model.from_pretrained={flan_folder}", f"--data.shards={flan_shards}")
     got = losses(run)
     assert got[8] < got[1] - 0.5, got
     exported = AutoModelForSeq2SeqLM.from_pretrained(run / "checkpoints" / "step_8" / "hf")

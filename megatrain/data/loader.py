@@ -240,11 +240,9 @@ class QAStream(MicroBatchStream):
     def micro_batch(self, micro_step: int) -> dict[str, torch.Tensor]:
         indices = micro_batch_indices(micro_step, self.rank, self.dp_size, self.micro_batch_size)
         blocks, inner = self.order.locate_many(np.asarray(indices))
-        examples = []
-        for block, i in zip(blocks.tolist(), inner.tolist()):
-            question, answer = self._block(block)[i]
-            make = seq2seq_example if self.task == "seq2seq" else qa_example
-            examples.append(make(question, answer, self.ids, self.max_seq_len))
+        make = seq2seq_example if self.task == "seq2seq" else qa_example
+        examples = [make(*self._block(block)[i], self.ids, self.max_seq_len)
+                    for block, i in zip(blocks.tolist(), inner.tolist())]
         sources = [self.shards.block_source[b] for b in blocks.tolist()]
         if self.task == "seq2seq":
             return collate_seq2seq(examples, self.ids["pad"], sources)

@@ -124,7 +124,7 @@ class Tokenizer(SentencePieceTextTokenizer):
         return self._processor.decode(kept)
 
 
-def hf_tokenizer_config(model_path: str | Path, tokenizer_class: str) -> dict:
+def hf_tokenizer_config(tokenizer: Tokenizer, tokenizer_class: str) -> dict:
     """A `tokenizer_config.json` that makes transformers' AutoTokenizer read a sentencepiece `.model`
     beside it (saved as tokenizer.model) with its special pieces, <sep> among them.
 
@@ -132,13 +132,12 @@ def hf_tokenizer_config(model_path: str | Path, tokenizer_class: str) -> dict:
     transformers 5.24; `LlamaTokenizer` would add a leading "▁"); `T5Tokenizer` also appends <eos>, as
     a T5 encoder reads the question.
     """
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+    sp = tokenizer._processor
     config = {"tokenizer_class": tokenizer_class}
     for name, piece_id in (("pad", sp.pad_id()), ("unk", sp.unk_id()), ("bos", sp.bos_id()), ("eos", sp.eos_id())):
         if piece_id >= 0:
             config[f"{name}_token"] = sp.id_to_piece(piece_id)
-    sep = sp.piece_to_id(SEP_PIECE)
-    if sp.id_to_piece(sep) == SEP_PIECE:
+    if tokenizer.sep_id is not None:
         config["additional_special_tokens"] = [SEP_PIECE]
     return config
 

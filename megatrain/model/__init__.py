@@ -53,6 +53,9 @@ class ModelFamily:
     """The `model_type`s of the HF folders this family continues training from (model.from_pretrained)."""
     hf_tokenizer_class: str = "PreTrainedTokenizerFast"
     """What AutoTokenizer builds from the export's sentencepiece tokenizer.model (data/tokenizer.py)."""
+    expert_parallel: bool = False
+    """Its experts can be split over data-parallel ranks (parallel.ep_degree); such a checkpoint holds one
+    file per expert and resumes only on its own layout."""
     fixed_length: bool = False
     """Pad every question/answer micro-batch to model.max_seq_len: an MoE's expert capacity is counted
     per micro-batch, and expert-parallel ranks exchange buffers of that capacity, so every rank's
@@ -81,11 +84,15 @@ class ModelFamily:
         """Training FLOPs per token from the *active* parameters (an MoE counts the experts a token uses)."""
         raise NotImplementedError
 
-    def check_pretrained(self, cfg, ids: TokenIds) -> None:
+    def check_pretrained(self, cfg, ids: TokenIds):
         """Refuse, with one line, a model.from_pretrained folder of another family or another tokenizer
-        than the data's (reads its config.json only)."""
+        than the data's (reads its config.json only).
+
+        Returns:
+            The folder's transformers config (None without model.from_pretrained), for a family's own checks.
+        """
         if not cfg.from_pretrained:
-            return
+            return None
         from transformers import AutoConfig
 
         folder = Path(cfg.from_pretrained)
@@ -104,6 +111,14 @@ class ModelFamily:
             raise ConfigError(f"the data's tokenizer (vocab {ids.vocab_size}, eos {ids.eos_id}) is not the one of "
                               f"{folder} (vocab {vocab}, eos {config.eos_token_id}); build the shards with that "
                               f"folder's tokenizer (megatrain-data ... --tokenizer {model_file})")
+        return config
+
+    def check_parallel(self, cfg, dims) -> None:
+        """Refuse, with one line, a parallel layout (the whole Config's, on ParallelDims) this family
+        cannot train; the default refuses expert parallelism."""
+        if cfg.parallel.ep_degree > 1:
+            raise ConfigError(f"parallel.ep_degree={cfg.parallel.ep_degree}: model.family={self.name} has no experts; "
+                              "use model.family=moe or parallel.ep_degree=1")
 
     def check_tp(self, cfg, vocab_size: int, tp_degree: int) -> None:
         """Refuse, with one line, a tp_degree this model cannot be split by."""

@@ -181,8 +181,9 @@ class MoEFamily(ModelFamily):
     name = "moe"
     hf_model_types = ("qwen3_moe",)
     shape_fields = (*LlamaFamily.shape_fields, "moe.num_experts", "moe.every", "moe.expert_intermediate_size")
-    tp_plan = None  # DeepSpeed's native MoE with AutoTP is untested upstream; parallel/expert.py refuses it
+    tp_plan = None  # DeepSpeed's native MoE with AutoTP is untested upstream; check_parallel refuses it
     fixed_length = True
+    expert_parallel = True
 
     def build(self, cfg: ModelConfig, ids: TokenIds, device_type: str = "cpu") -> Qwen3MoeForCausalLM:
         attn = pick_attention(cfg.attention, device_type)
@@ -197,10 +198,9 @@ class MoEFamily(ModelFamily):
 
     def check_pretrained(self, cfg: ModelConfig, ids: TokenIds) -> None:
         """As every family, and model.moe must describe the folder's experts (the MoE layers are built from it)."""
-        super().check_pretrained(cfg, ids)
-        if not cfg.from_pretrained:
-            return
-        config = Qwen3MoeConfig.from_pretrained(cfg.from_pretrained)
+        config = super().check_pretrained(cfg, ids)
+        if config is None:
+            return None
         if config.mlp_only_layers:
             raise ConfigError(f"model.from_pretrained={cfg.from_pretrained} has dense layers at mlp_only_layers="
                               f"{config.mlp_only_layers}; model.family=moe places MoE layers by model.moe.every only")
@@ -211,6 +211,25 @@ class MoEFamily(ModelFamily):
         if fixes:
             raise ConfigError(f"model.from_pretrained={cfg.from_pretrained} has other experts than model.moe; "
                               f"set {' '.join(fixes)}")
+        return config
+
+    def check_parallel(self, cfg, dims) -> None:
+        """Every layout DeepSpeed's MoE layer cannot train, refused with one line each."""
+        p, moe = cfg.parallel, cfg.model.moe
+        if moe.num_experts % p.ep_degree:
+            raise ConfigError(f"parallel.ep_degree={p.ep_degree} does not divide model.moe.num_experts="
+                              f"{moe.num_experts}; every expert-parallel rank holds the same number of experts")
+        if moe.every > cfg.model.num_layers:
+            raise ConfigError(f"model.moe.every={moe.every} exceeds model.num_layers={cfg.model.num_layers}: the "
+                              "model would have no MoE layer; use model.family=llama for a dense model")
+        if p.zero_stage == 3:
+            # DeepSpeed 0.19.8 rejects its native MoE layer under ZeRO-3 (engine.py _configure_zero_optimizer).
+            raise ConfigError("model.family=moe trains with parallel.zero_stage 0, 1 or 2 (DeepSpeed's MoE layer does "
+                              "not support ZeRO-3); for less memory use zero_stage=2 with "
+                              "parallel.offload_optimizer=true, or more expert-parallel ranks (parallel.ep_degree)")
+        if p.tp_degree > 1:
+            raise ConfigError(f"parallel.tp_degree={p.tp_degree}: model.family=moe is not tensor-parallel (DeepSpeed's "
+                              "MoE layer with AutoTP is untested upstream); split it with parallel.ep_degree instead")
 
     def load_hf(self, path, device_type: str = "cpu", **placement) -> Qwen3MoeForCausalLM:
         """The exported model as HF runs it: every token reaches its experts (no capacity limit)."""

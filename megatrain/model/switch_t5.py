@@ -17,6 +17,7 @@ from transformers import SwitchTransformersConfig, SwitchTransformersForConditio
 from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersExperts
 
 from megatrain.config import ModelConfig
+from megatrain.errors import ConfigError
 from megatrain.model import ModelOutput, TokenIds
 from megatrain.model.t5 import T5Family
 
@@ -67,6 +68,25 @@ class SwitchT5Family(T5Family):
     name = "switch_t5"
     shape_fields = (*T5Family.shape_fields, "moe.num_experts", "moe.every")
     hf_model_types = ("switch_transformers",)
+
+    def check_parallel(self, cfg, dims) -> None:
+        p = cfg.parallel
+        if p.ep_degree > 1:
+            raise ConfigError(f"parallel.ep_degree={p.ep_degree}: model.family=switch_t5 routes with transformers' own "
+                              "layer, which has no expert parallelism; use parallel.ep_degree=1 (ZeRO-2 with "
+                              "parallel.offload_optimizer=true for memory), or model.family=moe")
+        if cfg.model.moe.every < 2 and not cfg.model.from_pretrained:
+            # modeling_switch_transformers.py (transformers 5.24) adds its router losses only for a sparse
+            # step > 1: with every layer sparse the routers would train without them.
+            raise ConfigError("model.moe.every=1: transformers' Switch Transformers computes its router z-loss and "
+                              "load-balancing loss only when sparse layers alternate with dense ones; use "
+                              "model.moe.every=2 (as switch-base-8)")
+        if p.zero_stage == 3:
+            # Each rank runs only the experts its tokens chose, so ZeRO-3 would gather different
+            # parameters on different ranks.
+            raise ConfigError("model.family=switch_t5 trains with parallel.zero_stage 0, 1 or 2 (ranks run different "
+                              "experts, which ZeRO-3's parameter gathering cannot follow); use zero_stage=2 with "
+                              "parallel.offload_optimizer=true")
 
     def build(self, cfg: ModelConfig, ids: TokenIds, device_type: str = "cpu"):
         if cfg.from_pretrained:

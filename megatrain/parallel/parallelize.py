@@ -25,7 +25,7 @@ def check(cfg: Config, family: ModelFamily, vocab_size: int, dims: ParallelDims)
     # Measured with DeepSpeed 0.19.8 on gloo (2026-12-02): AutoTP trains with ZeRO 0-3, bf16, activation
     # checkpointing, optimizer offload and (ZeRO-3) parameter offload, so only the model's own
     # divisibility can refuse a tp_degree.
-    expert.check(cfg, dims)
+    family.check_parallel(cfg, dims)  # e.g. expert parallelism, MoE under ZeRO-3
     family.check_tp(cfg.model, vocab_size, dims.tp)
 
 
