@@ -50,7 +50,7 @@ def worker(args: argparse.Namespace) -> None:
     world = init_world(args.tp)
     llama, ids = family("llama"), TokenIds(args.vocab, 0, 1, 2)
     parallelize.check(cfg, llama, ids.vocab_size, world.dims)
-    model = parallelize.parallelize(llama.build(cfg.model, ids, world.device_type), cfg, world.dims)
+    model = parallelize.parallelize(llama.build(cfg.model, ids, world.device_type), llama, cfg, world.dims, world.rank)
     flops_per_token = llama.flops_per_token(cfg.model, model)
     optimizer = build_optimizer(llama.param_groups(model, cfg.optim.weight_decay), cfg)
     engine = wrap(model, optimizer, build_scheduler(optimizer, cfg), cfg, world.dims)

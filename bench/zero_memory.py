@@ -72,7 +72,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     llama, ids = family("llama"), TokenIds(args.vocab, 0, 1, 2)
     parallelize.check(cfg, llama, ids.vocab_size, world.dims)
-    model = parallelize.parallelize(llama.build(cfg.model, ids), cfg, world.dims)
+    model = parallelize.parallelize(llama.build(cfg.model, ids), llama, cfg, world.dims, world.rank)
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(llama.param_groups(model, cfg.optim.weight_decay), cfg)
     engine = wrap(model, optimizer, build_scheduler(optimizer, cfg), cfg, world.dims)

@@ -199,8 +199,8 @@ def setup(cfg: Config, resume: bool) -> Session:
         run.done.unlink(missing_ok=True)  # continued past its old end: not done any more
 
     model_family = family(cfg.model.family)
-    model = parallelize.parallelize(model_family.build(cfg.model, data.ids, world.device_type), cfg, world.dims,
-                                    world.rank)
+    model = parallelize.parallelize(model_family.build(cfg.model, data.ids, world.device_type), model_family, cfg,
+                                    world.dims, world.rank)
     flops = model_family.flops_per_token(cfg.model, model)  # of the whole model (AutoTP splits it later)
     optimizer = build_optimizer(model_family.param_groups(model, cfg.optim.weight_decay), cfg)
     checkpointer = Checkpointer(cfg, world, data.tokenizer_path, precision_note)

@@ -81,16 +81,20 @@ def test_loss_parts_and_expert_load_are_logged(moe_runs):
 
 
 def dump_ranks(tmp_path, *overrides):
-    """Each rank's parameters after 3 steps, from tests/moe_ranks.py on 2 ranks."""
+    """Each rank's parameters after 3 steps (unless overridden), from tests/moe_ranks.py on 2 ranks."""
     out = tmp_path / "dump"
     out.mkdir()
     port = free_port()
+    # stderr to files, not pipes: ZeRO-3 warns at every collective, and a full pipe would block the rank.
+    logs = [open(out / f"rank{rank}.err", "w") for rank in range(2)]
     procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "moe_ranks.py"), str(out), str(SMOKE), *MOE,
                                "--train.steps=3", f"--run.dir={tmp_path / 'run'}", *overrides],
                               env={**os.environ, **rank_env(rank, 2, port)}, cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for rank in range(2)]
-    for p in procs:
-        assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+                              stdout=subprocess.DEVNULL, stderr=log) for rank, log in enumerate(logs)]
+    for rank, p in enumerate(procs):
+        assert p.wait(timeout=300) == 0, (out / f"rank{rank}.err").read_text()[-3000:]
+    for log in logs:
+        log.close()
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 

@@ -120,6 +120,15 @@ class ModelFamily:
             raise ConfigError(f"parallel.ep_degree={cfg.parallel.ep_degree}: model.family={self.name} has no experts; "
                               "use model.family=moe or parallel.ep_degree=1")
 
+    def shard_experts(self, model: torch.nn.Module, cfg, dims, rank: int) -> torch.nn.Module:
+        """Keep on this rank only its expert-parallel share of the experts (parallel/expert.py); the
+        default has none to shard."""
+        return model
+
+    def deepspeed_config(self, cfg, dims) -> dict:
+        """Sections this family adds to the derived DeepSpeed JSON (parallel/zero.py), e.g. AutoEP's."""
+        return {}
+
     def check_tp(self, cfg, vocab_size: int, tp_degree: int) -> None:
         """Refuse, with one line, a tp_degree this model cannot be split by."""
         if tp_degree > 1 and self.tp_plan is None:
@@ -147,12 +156,13 @@ def num_params(model: torch.nn.Module, exclude_embeddings: bool = True) -> int:
 
 
 def families() -> dict[str, ModelFamily]:
+    from megatrain.model.dropless_moe import DroplessMoEFamily
     from megatrain.model.llama import LlamaFamily
     from megatrain.model.moe import MoEFamily
     from megatrain.model.switch_t5 import SwitchT5Family
     from megatrain.model.t5 import T5Family
 
-    return {f.name: f for f in (LlamaFamily(), MoEFamily(), T5Family(), SwitchT5Family())}
+    return {f.name: f for f in (LlamaFamily(), MoEFamily(), DroplessMoEFamily(), T5Family(), SwitchT5Family())}
 
 
 def family(name: str) -> ModelFamily:

@@ -196,6 +196,11 @@ class MoEFamily(ModelFamily):
             model = Qwen3MoeForCausalLM(config)
         return replace_sparse_blocks(model, cfg.moe)
 
+    def shard_experts(self, model: Qwen3MoeForCausalLM, cfg, dims, rank: int) -> Qwen3MoeForCausalLM:
+        if dims.ep == 1:
+            return model
+        return replace_sparse_blocks(model, cfg.model.moe, dims.ep, dims.ep_rank(rank))
+
     def check_pretrained(self, cfg: ModelConfig, ids: TokenIds) -> None:
         """As every family, and model.moe must describe the folder's experts (the MoE layers are built from it)."""
         config = super().check_pretrained(cfg, ids)
@@ -215,6 +220,21 @@ class MoEFamily(ModelFamily):
 
     def check_parallel(self, cfg, dims) -> None:
         """Every layout DeepSpeed's MoE layer cannot train, refused with one line each."""
+        p = cfg.parallel
+        self.check_experts(cfg)
+        if p.zero_stage == 3:
+            # DeepSpeed 0.19.8 rejects its native MoE layer under ZeRO-3 (engine.py _configure_zero_optimizer).
+            raise ConfigError("model.family=moe trains with parallel.zero_stage 0, 1 or 2 (DeepSpeed's MoE layer does "
+                              "not support ZeRO-3); for less memory use zero_stage=2 with "
+                              "parallel.offload_optimizer=true or more expert-parallel ranks (parallel.ep_degree), "
+                              "or the dropless ZeRO-3 MoE, model.family=dropless_moe")
+        if p.tp_degree > 1:
+            raise ConfigError(f"parallel.tp_degree={p.tp_degree}: model.family=moe is not tensor-parallel (DeepSpeed's "
+                              "MoE layer with AutoTP is untested upstream); split it with parallel.ep_degree instead")
+
+    @staticmethod
+    def check_experts(cfg) -> None:
+        """The experts must split evenly over the EP ranks, and some layer must have them."""
         p, moe = cfg.parallel, cfg.model.moe
         if moe.num_experts % p.ep_degree:
             raise ConfigError(f"parallel.ep_degree={p.ep_degree} does not divide model.moe.num_experts="
@@ -222,14 +242,6 @@ class MoEFamily(ModelFamily):
         if moe.every > cfg.model.num_layers:
             raise ConfigError(f"model.moe.every={moe.every} exceeds model.num_layers={cfg.model.num_layers}: the "
                               "model would have no MoE layer; use model.family=llama for a dense model")
-        if p.zero_stage == 3:
-            # DeepSpeed 0.19.8 rejects its native MoE layer under ZeRO-3 (engine.py _configure_zero_optimizer).
-            raise ConfigError("model.family=moe trains with parallel.zero_stage 0, 1 or 2 (DeepSpeed's MoE layer does "
-                              "not support ZeRO-3); for less memory use zero_stage=2 with "
-                              "parallel.offload_optimizer=true, or more expert-parallel ranks (parallel.ep_degree)")
-        if p.tp_degree > 1:
-            raise ConfigError(f"parallel.tp_degree={p.tp_degree}: model.family=moe is not tensor-parallel (DeepSpeed's "
-                              "MoE layer with AutoTP is untested upstream); split it with parallel.ep_degree instead")
 
     def load_hf(self, path, device_type: str = "cpu", **placement) -> Qwen3MoeForCausalLM:
         """The exported model as HF runs it: every token reaches its experts (no capacity limit)."""

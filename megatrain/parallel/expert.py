@@ -12,13 +12,12 @@ from __future__ import annotations
 import torch
 
 from megatrain.config import Config
+from megatrain.model import ModelFamily
 from megatrain.parallel.dims import ParallelDims
 
 
-def apply_ep(model: torch.nn.Module, cfg: Config, dims: ParallelDims, rank: int) -> torch.nn.Module:
-    """Keep on this rank only its expert-parallel share of every MoE layer's experts."""
-    if dims.ep == 1:
-        return model
-    from megatrain.model.moe import replace_sparse_blocks  # the one expert-parallel family
-
-    return replace_sparse_blocks(model, cfg.model.moe, dims.ep, dims.ep_rank(rank))
+def apply_ep(model: torch.nn.Module, family: ModelFamily, cfg: Config, dims: ParallelDims,
+             rank: int) -> torch.nn.Module:
+    """Keep on this rank only its expert-parallel share of every MoE layer's experts (the family knows
+    its layers; AutoEP's family leaves it to deepspeed.initialize)."""
+    return family.shard_experts(model, cfg, dims, rank)

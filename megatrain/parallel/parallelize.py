@@ -29,10 +29,11 @@ def check(cfg: Config, family: ModelFamily, vocab_size: int, dims: ParallelDims)
     family.check_tp(cfg.model, vocab_size, dims.tp)
 
 
-def parallelize(model: torch.nn.Module, cfg: Config, dims: ParallelDims, rank: int) -> torch.nn.Module:
+def parallelize(model: torch.nn.Module, family: ModelFamily, cfg: Config, dims: ParallelDims,
+                rank: int) -> torch.nn.Module:
     """Prepare `model` for the engine: experts sharded by EP rank, activation checkpointing; the TP
     split happens in deepspeed.initialize (see above)."""
-    model = expert.apply_ep(model, cfg, dims, rank)
+    model = expert.apply_ep(model, family, cfg, dims, rank)
     apply_ac(model, cfg.parallel.activation_checkpointing)
     return model
 

@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from megatrain.config import Config, batch_plan
+from megatrain.model import family
 from megatrain.parallel.dims import ParallelDims, tensor_parallel_groups
 
 
@@ -52,6 +53,7 @@ def deepspeed_config(cfg: Config, dims: ParallelDims, load_universal: bool = Fal
     }
     if dims.tp > 1:
         ds["tensor_parallel"] = {"autotp_size": dims.tp}
+    ds.update(family(cfg.model.family).deepspeed_config(cfg, dims))  # e.g. AutoEP's "expert_parallel"
     return ds
 
 
