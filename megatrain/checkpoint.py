@@ -6,18 +6,23 @@ Where they live in the run folder (`checkpoints/step_<N>`, `latest`): run_dir.py
         rng_rank<R>.pt   each rank's RNG states (tensors and plain values: loaded with weights_only=True)
         config.yaml      the resolved config of the run that wrote it
         trainer.json     step and data position (human-readable; also in DeepSpeed's client state)
+        checksums.json   size and sha256 of every other file, written last
     latest               the name of the newest complete checkpoint
 
 A checkpoint is written under `.tmp-step_<N>/`, renamed to `step_<N>/` only once every rank has
 finished, and `latest` is replaced atomically afterwards. A crash at any point leaves the previous
-checkpoint and `latest` as they were; stale `.tmp-*` folders are removed by the next save.
+checkpoint and `latest` as they were; stale `.tmp-*` folders are removed by the next save. A resume
+takes the newest checkpoint whose files all match checksums.json (pick_checkpoint): a file truncated,
+deleted or changed later (a bad disk, a user's copy) sends it back to the one before, saying which.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -32,12 +37,102 @@ from megatrain.data.tokenizer import Tokenizer, hf_tokenizer_config
 from megatrain.errors import CheckpointError
 from megatrain.files import atomic_write_text
 from megatrain.model import ModelFamily, family
-from megatrain.parallel.dims import World, barrier
+from megatrain.parallel.dims import World, all_gather_object, barrier
 from megatrain.parallel.zero import gathered_params
 from megatrain.run_dir import RunDir
 
 CONFIG_NAME = "config.yaml"
 """The resolved config inside a checkpoint folder (the run folder's own copy: RunDir.config)."""
+CHECKSUMS = "checksums.json"
+UNIVERSAL = "universal"
+"""Written into a checkpoint after it was saved (Checkpointer.prepare_resume): not in its checksums."""
+
+
+def _files(step_dir: Path) -> list[str]:
+    return sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*")
+                  if p.is_file() and p.name != CHECKSUMS and p.relative_to(step_dir).parts[0] != UNIVERSAL)
+
+
+def _sha256(names: list[str], step_dir: Path, world: World | None) -> dict[str, str]:
+    """sha256 of each file, the files shared out over the ranks (every rank must call it with a world)."""
+    rank, size = (world.rank, world.world_size) if world else (0, 1)
+    mine = {}
+    for name in names[rank::size]:
+        with open(step_dir / name, "rb") as f:
+            mine[name] = hashlib.file_digest(f, "sha256").hexdigest()
+    return {k: v for part in (all_gather_object(mine) if world else [mine]) for k, v in part.items()}
+
+
+WRITE_ERRORS = (OSError, RuntimeError)
+"""What a failed write raises: OSError from Python's files; from torch.save's C++ writer on a full disk
+a RuntimeError that does not say so ("basic_ios::clear: iostream error", "unexpected pos 421120 vs
+421008", measured with torch 2.13 on a full tmpfs), hence the free space in write_error's line."""
+
+
+def write_error(e: Exception, folder: Path) -> str:
+    free = shutil.disk_usage(folder).free if folder.exists() else 0
+    return f"{str(e).splitlines()[0][:160]}, with {free / 2**20:.1f} MiB free in {folder}"
+
+
+def agree(error: str | None) -> str | None:
+    """The first rank's error, on every rank (a collective)."""
+    return next((e for e in all_gather_object(error) if e), None)
+
+
+def write_checksums(step_dir: Path, world: World) -> None:
+    names = _files(step_dir)
+    digests = _sha256(names, step_dir, world)
+    if world.is_main:
+        files = {n: {"size": (step_dir / n).stat().st_size, "sha256": digests[n]} for n in names}
+        atomic_write_text(step_dir / CHECKSUMS, json.dumps({"algorithm": "sha256", "files": files}, indent=1))
+
+
+def damage(step_dir: Path, world: World | None = None) -> str | None:
+    """What is wrong with a checkpoint folder, or None when intact. Without a world only presence and
+    sizes are checked (cheap, before any process group); with one the ranks also hash the files."""
+    if not step_dir.is_dir():
+        return "the folder does not exist"
+    manifest = step_dir / CHECKSUMS
+    if not manifest.is_file():  # written by a megatrain before checksums: only its completeness is known
+        return None if (step_dir / "trainer.json").is_file() else "trainer.json is missing"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"{CHECKSUMS} is unreadable ({e})"
+    for name, want in files.items():
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["size"]:
+            return f"{name} has {path.stat().st_size} bytes, {want['size']} when saved"
+    if world is None:
+        return None
+    digests = _sha256(sorted(files), step_dir, world)
+    bad = [n for n in sorted(files) if digests[n] != files[n]["sha256"]]
+    return f"{bad[0]} differs from its sha256 in {CHECKSUMS}" if bad else None
+
+
+def pick_checkpoint(run: RunDir, world: World | None = None) -> Path | None:
+    """The checkpoint to resume from: the one `latest` names if intact, else the newest intact older
+    one (kept by checkpoint.keep_last), saying on rank 0 what was wrong; None without checkpoints.
+
+    Raises:
+        CheckpointError: no checkpoint is intact.
+    """
+    if not run.has_checkpoint():
+        return None
+    named = run.latest()
+    candidates = [named, *(p for _, p in reversed(run.step_dirs()) if p != named)]
+    problems = []
+    for path in candidates:
+        problem = damage(path, world)
+        if problem is None:
+            if problems and world is not None and world.is_main:
+                print(f"damaged checkpoint {'; '.join(problems)}; resuming from {path.name}", flush=True)
+            return path
+        problems.append(f"{path.name} ({problem})")
+    raise CheckpointError(f"no intact checkpoint in {run.checkpoints} ({'; '.join(problems)}); restore the files "
+                          "named, or start the run over in a new run.dir")
 
 def resolve(path: str | Path) -> Path:
     """A step folder, or a run folder / checkpoints folder (then its `latest`)."""
@@ -153,6 +248,43 @@ def load_rng_file(path: Path) -> dict:
                               "files of that checkpoint to resume with only run.seed for the RNGs") from None
 
 
+def deepspeed_pickle_types() -> list[type]:
+    """The classes DeepSpeed 0.19.8 pickles into its checkpoint files besides tensors and containers
+    (found by listing the GLOBAL opcodes of ZeRO 0-3, bf16, TP and MoE checkpoints)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def check_pickles(step_dir: Path, world: World | None = None) -> None:
+    """Refuse a checkpoint whose .pt files would unpickle anything but tensors, containers and
+    DeepSpeed's own state classes: DeepSpeed loads them with torch.load(weights_only=False), so a
+    crafted file could run code. Each file is read with torch's weights_only unpickler first (memory-
+    mapped, so tensors are not read); the ranks share the files out.
+
+    Raises:
+        CheckpointError: naming the file and the object it holds.
+    """
+    rank, size = (world.rank, world.world_size) if world else (0, 1)
+    files = sorted(p for p in step_dir.rglob("*.pt") if UNIVERSAL not in p.relative_to(step_dir).parts)
+    problem = None
+    with torch.serialization.safe_globals(deepspeed_pickle_types()):
+        for path in files[rank::size]:
+            try:
+                torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+            except pickle.UnpicklingError as error:
+                found = re.search(r"GLOBAL ([\w.]+)", str(error))
+                problem = (f"{path} holds a pickled {found.group(1) if found else 'object'}, which megatrain does not "
+                           "unpickle (DeepSpeed would run it); remove that checkpoint folder or restore it from a copy "
+                           "you trust")
+                break
+    problem = agree(problem) if world else problem
+    if problem:
+        raise CheckpointError(problem)
+
+
 def export_hf(engine, model_family: ModelFamily, out_dir: Path, world: World, tokenizer_path: Path) -> None:
     """Write the whole, unsharded model as an HF folder from rank 0; every rank helps gather it."""
     if world.tp > 1:
@@ -191,15 +323,13 @@ class Checkpointer:
         every = self.cfg.checkpoint.interval
         return step == last_step or (every > 0 and step % every == 0)
 
-    def latest(self) -> Path | None:
-        path = self.run.latest()
-        if path is not None and not path.is_dir():
-            raise CheckpointError(f"{self.run.latest_file} names {path.name}, which does not exist; point it at an "
-                                  "existing step_<N> folder or remove it to start over")
-        return path
+    def save(self, step: int, engine, data_state: dict) -> Path | None:
+        """Checkpoint the engine at `step`, with the data position `data_state` (loader.state_dict()).
 
-    def save(self, step: int, engine, data_state: dict) -> Path:
-        """Checkpoint the engine at `step`, with the data position `data_state` (loader.state_dict())."""
+        A save that fails (no room on the disk, an I/O error on any rank) leaves the previous checkpoint
+        and `latest` as they were, removes what it wrote, and raises CheckpointError, or with
+        checkpoint.on_save_failure=continue says so and returns None (the next save tries again).
+        """
         tmp, final = self.run.tmp_step_dir(step), self.run.step_dir(step)
         if self.world.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -207,15 +337,10 @@ class Checkpointer:
                 shutil.rmtree(stale)  # left by a crash mid-save; never a complete checkpoint
         barrier()
         trainer_state = {"step": step, "world_size": self.world.world_size, "tp_degree": self.world.tp,
-                         "ep_degree": self.world.ep,
-                         "data": data_state}
-        engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=trainer_state, save_latest=False)
-        torch.save(rng_state(), tmp / f"rng_rank{self.world.rank}.pt")
-        export_hf(engine, family(self.cfg.model.family), tmp / "hf", self.world, self.tokenizer_path)
-        if self.world.is_main:
-            save_config(self.cfg, tmp / CONFIG_NAME, self.config_comment)
-            atomic_write_text(tmp / "trainer.json", json.dumps(trainer_state, indent=2))
-        barrier()  # every rank's files are in tmp before it becomes a checkpoint
+                         "ep_degree": self.world.ep, "data": data_state}
+        problem = agree(self._no_room()) or self._write(tmp, engine, trainer_state)
+        if problem:
+            return self._failed(step, tmp, problem)
         if self.world.is_main:
             if final.exists():  # an earlier attempt at this step (before a requeue): replace it whole
                 shutil.rmtree(final)
@@ -225,11 +350,71 @@ class Checkpointer:
         barrier()
         return final
 
+    def _write(self, tmp: Path, engine, trainer_state: dict) -> str | None:
+        """Write every file of the checkpoint into `tmp`; the first failure of any rank, or None.
+
+        Every rank goes through the same collectives whatever fails where, so a full disk on one rank
+        cannot leave the others waiting: DeepSpeed's save_checkpoint is (0.19.8) a barrier, this rank's
+        writes, a barrier; export_hf gathers before rank 0 writes.
+        """
+        error = None
+        try:
+            engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=trainer_state, save_latest=False)
+        except WRITE_ERRORS as e:
+            error = f"rank {self.world.rank}: {write_error(e, self.root)}"
+            barrier()  # the one that closes DeepSpeed's save, where the other ranks wait
+        try:
+            if error is None:
+                torch.save(rng_state(), tmp / f"rng_rank{self.world.rank}.pt")
+        except WRITE_ERRORS as e:
+            error = f"rank {self.world.rank}: {write_error(e, self.root)}"
+        try:  # on every rank, failed or not: its gathers are collectives
+            export_hf(engine, family(self.cfg.model.family), tmp / "hf", self.world, self.tokenizer_path)
+            if error is None and self.world.is_main:
+                save_config(self.cfg, tmp / CONFIG_NAME, self.config_comment)
+                atomic_write_text(tmp / "trainer.json", json.dumps(trainer_state, indent=2))
+        except WRITE_ERRORS as e:
+            error = error or f"rank {self.world.rank}: {write_error(e, self.root)}"
+        error = agree(error)  # also: every rank's files are in tmp before they are summed
+        if error is None:
+            try:
+                write_checksums(tmp, self.world)
+            except WRITE_ERRORS as e:
+                error = f"rank {self.world.rank}: {write_error(e, self.root)}"
+            error = agree(error)
+        return error
+
+    def _no_room(self) -> str | None:
+        """Why the next checkpoint will not fit (less free space than the last one took), or None."""
+        previous = self.run.step_dirs()[-1:]
+        if not previous:
+            return None
+        need = sum(p.stat().st_size for p in previous[0][1].rglob("*") if p.is_file())
+        free = shutil.disk_usage(self.root).free
+        if free >= need:
+            return None
+        return (f"rank {self.world.rank}: {free / 2**20:.1f} MiB free in {self.root}, the last checkpoint took "
+                f"{need / 2**20:.1f} MiB")
+
+    def _failed(self, step: int, tmp: Path, problem: str) -> None:
+        if self.world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        kept = self.run.latest()
+        message = (f"saving checkpoint step_{step} failed ({problem}); "
+                   + (f"{kept.name} and `latest` are unchanged" if kept else "no checkpoint was written yet"))
+        if self.cfg.checkpoint.on_save_failure == "stop":
+            then = "continue with --resume" if kept else "start the run again"
+            raise CheckpointError(f"{message}; free space in {self.root} and {then}")
+        if self.world.is_main:
+            print(f"warning: {message}; training goes on and the next checkpoint tries again", flush=True)
+        return None
+
     def _prune(self) -> None:
         for _, path in self.run.step_dirs()[: -self.cfg.checkpoint.keep_last]:
             shutil.rmtree(path)
 
-    def prepare_resume(self) -> bool:
+    def prepare_resume(self, path: Path) -> bool:
         """Before the engine exists: make the latest checkpoint loadable by this world size.
 
         ZeRO partitions optimizer state by data-parallel rank and AutoTP by tensor-parallel rank, and
@@ -240,12 +425,11 @@ class Checkpointer:
         Returns:
             True if the engine must load a universal checkpoint.
         """
-        path = self.latest()
-        saved, saved_tp, _ = saved_layout(path) if path else (None, 1, 1)
+        saved, saved_tp, _ = saved_layout(path)
         same_layout = saved in (None, self.world.world_size) and saved_tp == self.world.tp
-        if path is None or same_layout or self.cfg.parallel.zero_stage == 0:
+        if same_layout or self.cfg.parallel.zero_stage == 0:
             return False  # stage 0 keeps whole optimizer state in the model file: it loads as it is
-        universal = path / "universal"
+        universal = path / UNIVERSAL
         if self.world.is_main and not universal.is_dir():
             tmp = path / ".tmp-universal"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -260,11 +444,9 @@ class Checkpointer:
         barrier()
         return True
 
-    def load(self, engine, loader, path: Path | None = None) -> int:
-        """Restore model, optimizer, scheduler, RNG and data position; returns the step reached."""
-        path = path or self.latest()
-        if path is None:
-            raise CheckpointError(f"--resume: no checkpoint in {self.root}; train without --resume first")
+    def load(self, engine, loader, path: Path) -> int:
+        """Restore model, optimizer, scheduler, RNG and data position from `path` (pick_checkpoint's);
+        returns the step reached."""
         check_compatible(path, self.cfg)
         if engine.load_universal_checkpoint():  # another world size: see prepare_resume
             load_path, client = engine.load_checkpoint(str(path), tag="universal")

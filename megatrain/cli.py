@@ -10,6 +10,17 @@ import sys
 from megatrain.errors import MegatrainError
 
 
+def exit_if_rank_lost(cfg, error: RuntimeError) -> None:
+    """A collective failed because a peer died or hangs: one line naming it, then exit code 3 at once
+    (a normal exit would wait on the broken process group)."""
+    from megatrain.heartbeat import EXIT_RANK_LOST, is_collective_failure, lost_rank_line
+
+    if is_collective_failure(error):
+        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        print(f"error: {lost_rank_line(cfg.run.dir, rank, world_size, error)}", file=sys.stderr, flush=True)
+        os._exit(EXIT_RANK_LOST)
+
+
 def _train(args, overrides: list[str]) -> int:
     from megatrain.config import load_config
     from megatrain.train import preflight, train
@@ -24,7 +35,11 @@ def _train(args, overrides: list[str]) -> int:
         preflight(cfg, args.nproc, args.resume)  # fail here, once, before starting any rank
         argv = ["train", args.config, *(["--resume"] if args.resume else []), *overrides]
         return run_local(args.nproc, argv)
-    summary = train(cfg, resume=args.resume)
+    try:
+        summary = train(cfg, resume=args.resume)
+    except RuntimeError as e:
+        exit_if_rank_lost(cfg, e)
+        raise
     if "stopped_at" in summary:  # SIGTERM/SIGUSR2: a checkpoint at that step, then out
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"stopped by {summary['signal']} at step {summary['stopped_at']} with a checkpoint; "

@@ -100,6 +100,9 @@ class ModelConfig:
     """auto | sdpa | flash_attention_2 | eager. auto takes flash-attn on a GPU when it imports."""
     from_pretrained: str = ""
     """A local Hugging Face folder (save_pretrained) to continue training from; empty = from scratch."""
+    allow_bin_weights: bool = False
+    """Accept a from_pretrained folder whose weights are only pytorch_model*.bin pickles (transformers
+    reads them with torch.load(weights_only=True)); without it only safetensors are loaded."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Read by model.family=moe, and by switch_t5 built from the config (num_experts, every, capacity,
     jitter and the loss coefficients go to transformers' SwitchTransformersConfig)."""
@@ -168,6 +171,15 @@ class TrainConfig:
     exit_interval: int = 0
     """Stop this process after this many steps, with a checkpoint (as Megatron's --exit-interval); the
     schedule still runs to `steps`, so `--resume` continues as if never stopped. 0 runs to the end."""
+    max_skipped_steps: int = 5
+    """A step whose loss or gradient norm is not finite is skipped (no update, on every rank); more
+    than this many skipped within skip_window steps stops the run with a checkpoint (megatrain/guard.py)."""
+    skip_window: int = 100
+
+    def __post_init__(self):
+        if self.max_skipped_steps < 0 or self.skip_window < 1:
+            raise ConfigError(f"train.max_skipped_steps={self.max_skipped_steps}, train.skip_window={self.skip_window}: "
+                              "use max_skipped_steps >= 0 and skip_window >= 1")
 
 
 @dataclass
@@ -207,6 +219,10 @@ class ParallelConfig:
     """Expert parallelism (model.family=moe): each group of ep_degree consecutive data-parallel ranks
     splits every MoE layer's experts between them and exchanges tokens all-to-all; must divide both
     model.moe.num_experts and the data-parallel ranks."""
+    collective_timeout_s: float = 600
+    """How long any collective waits for a rank that died or hangs before the job fails (with a line
+    naming the rank, exit code 3, for the scheduler to requeue; see docs/reliability.md). Longer than
+    the slowest step, eval or checkpoint save; DeepSpeed's own default is 30 minutes."""
 
 
 @dataclass
@@ -215,6 +231,13 @@ class CheckpointConfig:
     """Save every this many steps (and at the last step); 0 saves only at the end."""
     keep_last: int = 3
     """Keep this many most recent checkpoints; older ones are deleted after a new one is complete."""
+    on_save_failure: str = "stop"
+    """A save that fails (disk full, I/O error) leaves the previous checkpoint and `latest` intact, then:
+    stop (one line, exit 2) | continue (a warning; the next checkpoint tries again)."""
+
+    def __post_init__(self):
+        if self.on_save_failure not in ("stop", "continue"):
+            raise ConfigError(f"checkpoint.on_save_failure={self.on_save_failure!r}: use stop or continue")
 
 
 @dataclass

@@ -20,3 +20,7 @@ class DataError(MegatrainError):
 
 class CheckpointError(MegatrainError):
     """A checkpoint that is missing, incomplete or does not match the run."""
+
+
+class TrainingError(MegatrainError):
+    """The run stopped itself: it cannot go on as configured (e.g. too many non-finite steps)."""

@@ -46,6 +46,7 @@ class Metrics:
         self._parts: dict[str, float] = {}  # the family's named figures (an MoE aux loss, ...), summed
         self._source_sums = [0.0] * (2 * len(self.source_names))  # loss sums, then label tokens
         self._t0 = time.perf_counter()
+        self.skipped_steps = 0  # DeepSpeed's count (engine.skipped_steps, kept in checkpoints)
         self.last: dict = {}
         self._jsonl = self._tb = self._bar = None
         if world.is_main:
@@ -79,7 +80,8 @@ class Metrics:
         elapsed = time.perf_counter() - self._t0
         token_sum /= self.world.tp  # the ranks of a tensor-parallel group train on the same tokens
         record = {"step": step, "loss": loss_sum / (self._steps * self.world.world_size), "lr": lr,
-                  "tokens_per_s": token_sum / elapsed, "restarts": self.restarts}
+                  "tokens_per_s": token_sum / elapsed, "restarts": self.restarts,
+                  "train/skipped_steps": self.skipped_steps}
         record.update({name: value / (self._steps * self.world.world_size)
                        for name, value in zip(part_names, part_sums)})
         if result.grad_norm is not None:  # the same on every rank: the norm is global
@@ -97,6 +99,14 @@ class Metrics:
         self._source_sums = [0.0] * (2 * n)
         self.write(record)
         return record
+
+    def skipped_step(self, step: int, reason: str, total: int, data: dict, sources: list[str]) -> None:
+        """A line for a step whose update was skipped (non-finite loss or gradient norm, see guard.py),
+        with the data position before it and the sources its rows came from; its loss counts nowhere."""
+        self.skipped_steps = total
+        if self._bar is not None:
+            self._bar.update(1)
+        self.write({"step": step, "skipped": reason, "train/skipped_steps": total, "data": data, "sources": sources})
 
     def write(self, record: dict) -> None:
         self.last = record

@@ -9,6 +9,7 @@
         DONE                 {"step": N} once the run reached train.steps
         slurm.json           the SLURM jobs submitted for it (`megatrain submit`)
         slurm/               submitit's folder: sbatch scripts, pickles, logs
+        heartbeats/rank<R>.json  each rank's last finished step and when (heartbeat.py)
         checkpoints/
             step_<N>/        a complete checkpoint (what is inside: checkpoint.py)
             .tmp-step_<N>/   one being written; never loaded
@@ -64,6 +65,9 @@ class RunDir:
     @property
     def slurm_folder(self) -> Path:
         return self.root / "slurm"
+
+    def heartbeat(self, rank: int) -> Path:
+        return self.root / "heartbeats" / f"rank{rank}.json"
 
     @property
     def checkpoints(self) -> Path:

@@ -7,17 +7,21 @@ import dataclasses
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from megatrain import precision
-from megatrain.checkpoint import Checkpointer, check_compatible, check_elastic, saved_config
+from megatrain.checkpoint import (Checkpointer, check_compatible, check_elastic, check_pickles, pick_checkpoint,
+                                  saved_config)
 from megatrain.config import Config, batch_plan, save_config, validate
 from megatrain.data.loader import IGNORE_INDEX
 from megatrain.data.training_data import TrainingData, open_data
-from megatrain.errors import CheckpointError, DataError
+from megatrain.errors import CheckpointError, DataError, TrainingError
 from megatrain.eval import Evaluator
+from megatrain.guard import NonFiniteGuard, injected_nan
+from megatrain.heartbeat import Heartbeat
 from megatrain.metrics import Metrics, peak_flops
 from megatrain.model import ModelFamily, family
 from megatrain.optim import build_optimizer, build_scheduler
@@ -39,7 +43,7 @@ def preflight(cfg: Config, world_size: int, resume: bool) -> TrainingData:
     run = RunDir(cfg.run.dir)
     has_checkpoint = run.has_checkpoint()
     if resume and has_checkpoint:
-        latest = run.latest()
+        latest = pick_checkpoint(run)  # present and the sizes saved; setup() also checks the sha256 sums
         check_compatible(latest, cfg)
         check_elastic(latest, cfg, world_size)
     if resume and not has_checkpoint:
@@ -50,13 +54,12 @@ def preflight(cfg: Config, world_size: int, resume: bool) -> TrainingData:
     return data
 
 
-def resolve_precision(cfg: Config, world: World, resume: bool) -> tuple[Config, str]:
+def resolve_precision(cfg: Config, world: World, resume_from: Path | None) -> tuple[Config, str]:
     """The config with `precision: auto` resolved (the same on every rank), and a line saying why.
 
     Rank 0 prints the line first thing; it also heads the run's config.yaml as a comment.
     """
-    latest = RunDir(cfg.run.dir).latest()
-    recorded = saved_config(latest).get("precision") if resume and latest else None
+    recorded = saved_config(resume_from).get("precision") if resume_from else None
     choice = precision.choose(cfg.precision, world.device_type, cfg.parallel.zero_stage, recorded)
     all_native = all_reduce_sum([1.0 if choice.native_bf16 else 0.0])[0] == world.world_size
     choice = precision.agree(choice, all_native)
@@ -124,8 +127,10 @@ def loss_by_source(logits: torch.Tensor, labels: torch.Tensor, source: torch.Ten
             zeros.index_add(0, source, counted.sum(1).double().cpu()))
 
 
-def train_step(engine, batches: list[dict], num_sources: int, model_family: ModelFamily) -> StepResult:
-    """One optimizer step over the micro-batches given; DeepSpeed steps on the last one."""
+def train_step(engine, batches: list[dict], num_sources: int, model_family: ModelFamily,
+               poison: bool = False) -> StepResult:
+    """One optimizer step over the micro-batches given; DeepSpeed steps on the last one.
+    poison: make the first micro-batch's loss NaN (fault injection, guard.py)."""
     loss_sum, tokens, parts = 0.0, 0, {}
     source_loss = torch.zeros(num_sources, dtype=torch.float64)
     source_tokens = torch.zeros(num_sources, dtype=torch.float64)
@@ -135,6 +140,8 @@ def train_step(engine, batches: list[dict], num_sources: int, model_family: Mode
         source = batch.pop("source", None)
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         out = model_family.forward(engine, batch)
+        if poison:
+            out.loss, poison = out.loss * float("nan"), False
         engine.backward(out.loss)
         engine.step()
         loss_sum += out.loss.item()
@@ -151,6 +158,11 @@ def train_step(engine, batches: list[dict], num_sources: int, model_family: Mode
     norm = engine.get_global_grad_norm()
     norm = float(norm) if norm is not None else None
     return StepResult(loss_sum / len(batches), tokens, source_loss.tolist(), source_tokens.tolist(), parts, norm)
+
+
+def row_sources(batches: list[dict]) -> list[int]:
+    """The data sources (indices into loader.source_names) of a step's rows on this rank."""
+    return sorted({int(i) for b in batches if "source" in b for i in b["source"].tolist()})
 
 
 def stop_or_fail(stop: StopRequest, data_error: str | None) -> tuple[bool, str | None]:
@@ -176,6 +188,8 @@ class Session:
     checkpointer: Checkpointer
     metrics: Metrics
     evaluator: Evaluator
+    guard: NonFiniteGuard
+    heartbeat: Heartbeat
     start: int
     """The step the run continues after (0 for a fresh run)."""
 
@@ -187,8 +201,13 @@ def setup(cfg: Config, resume: bool) -> Session:
     the ZeRO engine, then the loader and the checkpoint that positions both.
     """
     data = preflight(cfg, export_rank_env(), resume)
-    world = init_world(cfg.parallel.tp_degree, cfg.parallel.ep_degree)
-    cfg, precision_note = resolve_precision(cfg, world, resume)
+    world = init_world(cfg.parallel.tp_degree, cfg.parallel.ep_degree, cfg.parallel.collective_timeout_s)
+    resume_from = pick_checkpoint(RunDir(cfg.run.dir), world) if resume else None  # sha256-checked
+    if resume_from is not None:
+        check_pickles(resume_from, world)  # before anything unpickles it (DeepSpeed, ds_to_universal)
+        check_compatible(resume_from, cfg)  # an older checkpoint than preflight's, after a damaged one
+        check_elastic(resume_from, cfg, world.world_size)
+    cfg, precision_note = resolve_precision(cfg, world, resume_from)
     if cfg.data.verify:
         data.verify(world)
     seed_everything(cfg.run.seed)
@@ -204,17 +223,19 @@ def setup(cfg: Config, resume: bool) -> Session:
     flops = model_family.flops_per_token(cfg.model, model)  # of the whole model (AutoTP splits it later)
     optimizer = build_optimizer(model_family.param_groups(model, cfg.optim.weight_decay), cfg)
     checkpointer = Checkpointer(cfg, world, data.tokenizer_path, precision_note)
-    universal = resume and checkpointer.prepare_resume()  # resuming onto another layout
+    universal = resume and checkpointer.prepare_resume(resume_from)  # resuming onto another layout
     engine = wrap(model, optimizer, build_scheduler(optimizer, cfg), cfg, world.dims, universal)
     plan = batch_plan(cfg, world.dims)
     loader = data.loader(world, plan)
-    start = checkpointer.load(engine, loader) if resume else 0
+    start = checkpointer.load(engine, loader, resume_from) if resume else 0
     metrics = Metrics(cfg.run.dir, cfg.log.interval, world, cfg.train.steps, start, flops,
                       peak_flops(world.device_type, cfg.precision), cfg.log.tensorboard, cfg.log.progress,
                       counters=loader.metrics, source_names=loader.source_names,
                       restarts=int(os.environ.get("SLURM_RESTART_COUNT", 0)))  # SLURM's count of requeues
     return Session(cfg, world, model_family, engine, plan, loader, checkpointer, metrics,
-                   Evaluator(cfg, engine, world, data.tokenizer_path), start)
+                   Evaluator(cfg, engine, world, data.tokenizer_path),
+                   NonFiniteGuard(cfg.train.max_skipped_steps, cfg.train.skip_window),
+                   Heartbeat(cfg.run.dir, world.rank), start)
 
 
 def stop_at_boundary(s: Session, step: int, saved: int, position: dict, failure: str | None,
@@ -255,6 +276,7 @@ def train(cfg: Config, resume: bool = False, stop: StopRequest | None = None) ->
     steps, exit_interval = s.cfg.train.steps, s.cfg.train.exit_interval
     last = min(steps, s.start + exit_interval) if exit_interval else steps
     saved = s.start
+    s.heartbeat.beat(s.start, force=True)
     try:
         for step in range(s.start + 1, last + 1):
             position = copy.deepcopy(s.loader.state_dict())  # where the data stands after step - 1
@@ -262,11 +284,23 @@ def train(cfg: Config, resume: bool = False, stop: StopRequest | None = None) ->
             stopping, failure = stop_or_fail(stop, data_error)
             if stopping:
                 return stop_at_boundary(s, step - 1, saved, position, failure, stop.signal_name)
-            result = train_step(s.engine, batches, len(s.loader.source_names), s.family)
-            s.metrics.step(step, result, s.engine.get_lr()[0], s.evaluator.maybe_run(step))
-            if s.checkpointer.due(step, last):
-                s.checkpointer.save(step, s.engine, s.loader.state_dict())
+            sources = row_sources(batches)  # read before train_step takes the batches apart
+            result = train_step(s.engine, batches, len(s.loader.source_names), s.family,
+                                poison=injected_nan(step, s.world.rank))
+            mean_loss = all_reduce_sum([result.loss])[0] / s.world.world_size  # NaN if any rank's is: all agree
+            skipped = s.guard.check(step, mean_loss, result.grad_norm, s.engine.was_step_applied())
+            if skipped:
+                everyone = sorted({i for part in all_gather_object(sources) for i in part})
+                s.metrics.skipped_step(step, skipped, s.engine.skipped_steps, position,
+                                       [s.loader.source_names[i] for i in everyone if i < len(s.loader.source_names)])
+            else:
+                s.metrics.step(step, result, s.engine.get_lr()[0], s.evaluator.maybe_run(step))
+            if skipped and s.guard.exceeded():  # the weights are still the last good ones: keep them
+                saved_dir = s.checkpointer.save(step, s.engine, s.loader.state_dict())
+                raise TrainingError(s.guard.stop_message(step, saved_dir.name if saved_dir else "no checkpoint"))
+            if s.checkpointer.due(step, last) and s.checkpointer.save(step, s.engine, s.loader.state_dict()):
                 saved = step
+            s.heartbeat.beat(step)
     finally:
         s.loader.close()  # workers ignore SIGTERM, so they are stopped here, not by a signal
     s.metrics.close()

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+from megatrain.heartbeat import EXIT_RANK_LOST
 from megatrain.parallel.dims import free_port
 
 
@@ -37,14 +38,18 @@ def run_local(nproc: int, argv: list[str], threads_per_rank: int | None = None) 
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = 0
+        code, failed_at = 0, None
         while any(p.poll() is None for p in procs):
             failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
             if failed:
-                code = failed[0]
+                code, failed_at = failed[0], failed_at or time.monotonic()
                 for p in procs:
                     if p.poll() is None:
-                        p.terminate()
+                        # SIGTERM first (a rank checkpoints on it); a rank that ignores it for 10 s
+                        # (stopped, or stuck in a collective) is killed, at once when a rank was lost
+                        # (the others cannot checkpoint without it).
+                        lost = code == EXIT_RANK_LOST or time.monotonic() - failed_at > 10
+                        p.kill() if lost else p.terminate()
             time.sleep(0.2)
         return code or next((p.returncode for p in procs if p.returncode), 0)
     finally:

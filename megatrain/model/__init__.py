@@ -99,6 +99,10 @@ class ModelFamily:
         if not (folder / "config.json").is_file():
             raise ConfigError(f"model.from_pretrained={folder}: no config.json there; give a folder written by "
                               "save_pretrained (a checkpoint's hf/ folder, or a downloaded model)")
+        if not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")) and not cfg.allow_bin_weights:
+            raise ConfigError(f"model.from_pretrained={folder} has its weights only as .bin files, which are pickles "
+                              "that can run code when loaded; convert them to safetensors, or set "
+                              "model.allow_bin_weights=true if you trust the folder")
         config = AutoConfig.from_pretrained(folder)
         if config.model_type not in self.hf_model_types:
             owner = next((f.name for f in families().values() if config.model_type in f.hf_model_types), None)

@@ -13,6 +13,7 @@ environment. A plain `python -m megatrain ...` with none of them set is a world 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import os
 import socket
@@ -141,12 +142,13 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def init_world(tp: int = 1, ep: int = 1) -> World:
+def init_world(tp: int = 1, ep: int = 1, timeout_s: float = 600) -> World:
     """Join (or, alone, create) the default process group through DeepSpeed's comm layer, and with
     tp > 1 the tensor- and data-parallel groups (DeepSpeed's `groups`, which the engine then uses).
 
     gloo on CPU (DeepSpeed's CPU accelerator would ask for oneCCL, which is not installed), NCCL
-    on GPUs.
+    on GPUs. timeout_s: how long a collective waits for a rank that stopped answering before it
+    fails (parallel.collective_timeout_s; DeepSpeed's default is 30 minutes).
     """
     import deepspeed
 
@@ -157,11 +159,18 @@ def init_world(tp: int = 1, ep: int = 1) -> World:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if dev == "cuda":
         torch.cuda.set_device(local_rank)
+    # DeepSpeed makes its data-, expert- and tensor-parallel groups later with new_group(), which takes
+    # torch's module default (30 minutes), not the world's timeout: make that the default too.
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = \
+        datetime.timedelta(seconds=timeout_s)
     if not torch.distributed.is_initialized():
         # DeepSpeed prints "DeepSpeed ...shm_comm_op built successfully" here on every rank; the run's
         # first line is megatrain's own (which precision, and why).
         with contextlib.redirect_stdout(io.StringIO()):
-            deepspeed.init_distributed(dist_backend="nccl" if dev == "cuda" else "gloo", verbose=False)
+            deepspeed.init_distributed(dist_backend="nccl" if dev == "cuda" else "gloo", verbose=False,
+                                       timeout=datetime.timedelta(seconds=timeout_s))
     dims = ParallelDims(torch.distributed.get_world_size(), tp, ep)  # against the world really started
     world = World(rank=torch.distributed.get_rank(), local_rank=local_rank, world_size=dims.world_size,
                   device_type=dev, tp=tp, ep=ep)

@@ -43,7 +43,9 @@ def deepspeed_config(cfg: Config, dims: ParallelDims, load_universal: bool = Fal
         # Explicit: DeepSpeed 0.19.8 clips at 1.0 when the key is absent.
         "gradient_clipping": cfg.train.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        # check_grad_overflow: a step whose gradient norm is inf/NaN is skipped on every rank (guard.py).
+        # DeepSpeed's default, but the guard relies on it.
+        "bf16": {"enabled": cfg.precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": False},
         # Our optimizers are torch's AdamW or DeepSpeedCPUAdam, both built in optim.py.
         "zero_allow_untested_optimizer": True,
