@@ -62,8 +62,8 @@ def lost_rank_line(run_dir: str, rank: int, world_size: int, error: BaseExceptio
     lost = [n for n in notes if "failed" not in n]
     now = time.time()
     if lost:
-        who = "; ".join(f"rank {n['rank']} ({n.get('host', '?')}) stopped answering after step {n.get('step', '?')}, "
-                        f"its last sign of life {now - n.get('time', 0):.0f} s ago" for n in lost[:4])
+        who = "; ".join(f"rank {n['rank']} ({n.get('host', '?')}) stopped answering (its last note: step "
+                        f"{n.get('step', '?')}, {now - n.get('time', 0):.0f} s ago)" for n in lost[:4])
         who += f" (and {len(lost) - 4} more)" if len(lost) > 4 else ""
     else:
         who = "every rank reports the failure (a network fault?)"

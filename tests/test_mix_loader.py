@@ -151,3 +151,21 @@ def test_attention_reset_isolates_documents_in_a_row():
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(plain[7:], alone[7:], atol=1e-3)  # without reset, documents see each other
     assert (batch["labels"][0, [7, 19]] == IGNORE_INDEX).all()  # a document's first token is not predicted
+
+
+def test_a_killed_worker_is_named_with_the_shards_of_its_batch(mix_data):
+    import psutil
+
+    loader = make(mix_data, rank=1, workers=2)
+    next(loader)
+    for worker in psutil.Process().children():
+        worker.kill()
+    with pytest.raises(RuntimeError) as error:
+        for _ in range(50):  # the batches already prefetched come first
+            next(loader)
+    owed = loader.micro_step
+    message = str(error.value)
+    assert f"worker {(owed - 0) % 2} of 2 owed micro-batch {owed}, read from " in message, message
+    files = message.split("read from ")[1].split(", ")
+    assert files and all(any(f.startswith(str(p)) for p in mix_data["datasets"].values()) for f in files)
+    loader.close()

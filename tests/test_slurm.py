@@ -142,6 +142,34 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, dm_data, tmp
     assert records(run)[-1]["loss"] < records(run)[0]["loss"]
 
 
+def test_a_dead_rank_requeues_the_job_and_it_resumes(slurm_cluster, dm_data, tmp_path, deepspeed_ops):
+    """SIGKILL of one task (not the job): the other fails its next collective, names rank 1, requeues
+    the job, and the requeued job resumes from the latest checkpoint to the end."""
+    import psutil
+
+    run = tmp_path / "run"
+    result = submit(run, dm_data, "--tasks-per-node", "2", "--train.steps=300", "--checkpoint.interval=50",
+                    "--parallel.collective_timeout_s=10")
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = job_id(run)
+    wait_for(lambda: steps_logged(run) >= 80, 120, "80 steps", poll=0.1)
+
+    def rank1():
+        for p in psutil.process_iter(["environ", "cmdline"]):
+            env = p.info["environ"] or {}
+            if env.get("SLURM_JOB_ID") == job and env.get("SLURM_PROCID") == "1" and "submitit" in " ".join(
+                    p.info["cmdline"] or []):
+                return p
+    wait_for(rank1, 30, "rank 1's process", poll=0.2).kill()
+    final = wait_done(run, timeout=300)
+    assert "REQUEUED" in sacct_history(job)
+    assert final["step"] == 300 and final["restarts"] == 1
+    log = (run / "slurm" / f"{job}_0_log.err").read_text()
+    assert "rank 1 (" in log and "stopped answering" in log and f"scontrol requeue {job}" in log
+    restarted = [r for r in records(run) if r["restarts"] == 1]
+    assert restarted[0]["step"] in (51, 101)  # from the last checkpoint before the kill
+
+
 @pytest.mark.parametrize("num_workers", [1, 2])
 def test_sigterm_with_dataloader_workers_requeues_and_resumes(slurm_cluster, dm_data, tmp_path, deepspeed_ops,
                                                                num_workers):

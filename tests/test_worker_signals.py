@@ -90,8 +90,10 @@ def test_a_killed_worker_is_one_clear_error_after_a_checkpoint(dm_data, deepspee
     assert proc.returncode == 2, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
-    assert f"a DataLoader worker died (rank 1: DataLoader worker (pid(s) {victim.pid}) exited unexpectedly)" \
-        in errors[0]
+    # It names the worker, the micro-batch it owed and the shard file that batch reads.
+    assert f"a DataLoader worker died (rank 1: DataLoader worker (pid(s) {victim.pid}) exited unexpectedly: " \
+           "worker 0 of 1 owed micro-batch" in errors[0]
+    assert f"read from {dm_data['shards']}/shard-" in errors[0]
     stopped = latest_step(run)
     assert f"the run saved a checkpoint at step {stopped}: continue with --resume" in errors[0]
     assert stopped == max(losses(run))  # at the boundary of the last step every rank finished

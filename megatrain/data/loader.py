@@ -102,6 +102,10 @@ class MicroBatchStream(IterableDataset):
     def micro_batch(self, micro_step: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def shard_files(self, micro_step: int) -> list[str]:
+        """The shard files micro-batch `micro_step` reads (for the line of a worker that died on it)."""
+        raise NotImplementedError
+
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
@@ -133,6 +137,21 @@ def ignore_scheduler_signals(_worker_id: int) -> None:
                 os._exit(0)
 
     threading.Thread(target=watch, name="scheduler-signals", daemon=True).start()
+
+
+def next_batch(loader) -> dict[str, torch.Tensor]:
+    """loader's next micro-batch from its DataLoader (`loader._iter`, made by iterate()); a worker that
+    died is named with the micro-batch it owed and the shard files that batch reads."""
+    try:
+        return next(loader._iter)
+    except RuntimeError as error:
+        if "DataLoader worker" not in str(error):
+            raise
+        stream, first = loader._stream, loader._first_micro_step
+        worker = (loader.micro_step - first) % loader.num_workers  # worker_micro_steps deals them round-robin
+        files = ", ".join(stream.shard_files(loader.micro_step))
+        raise RuntimeError(f"{str(error).splitlines()[0].rstrip('. ')}: worker {worker} of {loader.num_workers} "
+                           f"owed micro-batch {loader.micro_step}, read from {files}") from None
 
 
 def iterate(stream: MicroBatchStream, num_workers: int):
@@ -237,6 +256,11 @@ class QAStream(MicroBatchStream):
                 self._blocks.popitem(last=False)
         return self._blocks[index]
 
+    def shard_files(self, micro_step: int) -> list[str]:
+        indices = micro_batch_indices(micro_step, self.rank, self.dp_size, self.micro_batch_size)
+        blocks, _ = self.order.locate_many(np.asarray(indices))
+        return sorted({str(self.shards.shard_paths[self.shards._block_shard[b]]) for b in blocks.tolist()})
+
     def micro_batch(self, micro_step: int) -> dict[str, torch.Tensor]:
         indices = micro_batch_indices(micro_step, self.rank, self.dp_size, self.micro_batch_size)
         blocks, inner = self.order.locate_many(np.asarray(indices))
@@ -271,10 +295,11 @@ class QALoader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iter is None:
-            stream = QAStream(*self._args, start_micro_step=self.micro_step, global_batch_size=self.global_batch_size,
-                              fixed_width=self.fixed_width, task=self.task)
-            self._iter = iterate(stream, self.num_workers)
-        batch = next(self._iter)
+            self._stream = QAStream(*self._args, start_micro_step=self.micro_step,
+                                    global_batch_size=self.global_batch_size, fixed_width=self.fixed_width,
+                                    task=self.task)
+            self._iter, self._first_micro_step = iterate(self._stream, self.num_workers), self.micro_step
+        batch = next_batch(self)
         self.micro_step += 1
         return batch
 

@@ -109,7 +109,11 @@ class SlurmTrain(submitit.helpers.Checkpointable):
             print(f"megatrain from {Path(megatrain.__file__).parent}: rank {dist.rank} of {dist.world_size}, "
                   f"master {dist.master_addr}:{dist.master_port}, restart "
                   f"{os.environ.get('SLURM_RESTART_COUNT', 0)}, {'resuming' if resume else 'starting'}", flush=True)
-            summary = train(cfg, resume=resume, stop=stop)
+            try:
+                summary = train(cfg, resume=resume, stop=stop)
+            except RuntimeError as error:
+                requeue_if_rank_lost(cfg, dist.rank, dist.world_size, error)
+                raise
         if "stopped_at" not in summary:
             return summary
         if dist.rank == 0:
@@ -126,6 +130,21 @@ class SlurmTrain(submitit.helpers.Checkpointable):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         time.sleep(60)
         raise RuntimeError("rank 0 did not requeue the job within 60 s; see its log")
+
+
+def requeue_if_rank_lost(cfg: Config, rank: int, world_size: int, error: RuntimeError) -> None:
+    """A peer died or hangs (heartbeat.py): one line naming it, `scontrol requeue` of this job (every
+    survivor asks; SLURM takes the first, and its MaxBatchRequeue, 5 by default, caps the loop), then
+    exit code 3 at once. The requeued job resumes from the latest checkpoint."""
+    from megatrain.heartbeat import EXIT_RANK_LOST, is_collective_failure, lost_rank_line
+
+    if not is_collective_failure(error):
+        return
+    print(f"error: {lost_rank_line(cfg.run.dir, rank, world_size, error)}", file=sys.stderr, flush=True)
+    job = submitit.JobEnvironment().job_id
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    print(f"rank {rank}: scontrol requeue {job}: {(done.stderr or 'requeued').strip()}", file=sys.stderr, flush=True)
+    os._exit(EXIT_RANK_LOST)
 
 
 def _job_state(job_id: str) -> str | None:
