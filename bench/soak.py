@@ -79,12 +79,13 @@ def main(argv=None) -> dict:
          f"--checkpoint.interval={args.checkpoint_interval}", "--checkpoint.keep_last=2",
          f"--eval.interval={args.eval_interval}", "--eval.limit=16", "--log.interval=10",
          f"--data.num_workers={args.workers}"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        # stderr to a file: a pipe nobody reads fills up over a long run and blocks the ranks.
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(args.work / "stderr.log", "w"), start_new_session=True)
     samples, t0 = [], time.monotonic()
     while time.monotonic() - t0 < args.minutes * 60:
         time.sleep(args.every)
         if launcher.poll() is not None:
-            raise SystemExit(f"the run ended early ({launcher.returncode}): {launcher.stderr.read()[-2000:]}")
+            raise SystemExit(f"the run ended early ({launcher.returncode}): see {args.work / 'stderr.log'}")
         ranks = {}
         for child in psutil.Process(launcher.pid).children():
             try:

@@ -287,6 +287,9 @@ def check_pickles(step_dir: Path, world: World | None = None) -> None:
 
 def export_hf(engine, model_family: ModelFamily, out_dir: Path, world: World, tokenizer_path: Path) -> None:
     """Write the whole, unsharded model as an HF folder from rank 0; every rank helps gather it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Writing model shards" bar per checkpoint says nothing in a log
     if world.tp > 1:
         # Joins the TP slices (and ZeRO-3 partitions) on rank 0, under the HF names; None elsewhere.
         state = engine._consolidated_16bit_state_dict()

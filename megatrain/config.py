@@ -85,7 +85,8 @@ class ModelConfig:
     family: str = "llama"
     """llama: a Llama-style decoder (transformers' Llama classes). moe: the same decoder with Switch-style
     mixture-of-experts feed-forward layers (model.moe; HF-native as Qwen3-MoE). t5: T5/FLAN-T5, question to
-    the encoder, answer from the decoder. switch_t5: transformers' Switch Transformers (T5 with experts)."""
+    the encoder, answer from the decoder. switch_t5: transformers' Switch Transformers (T5 with experts).
+    dropless_moe: the moe model under ZeRO-3, experts sharded by DeepSpeed AutoEP, no token dropped."""
     hidden_size: int = 256
     num_layers: int = 4
     num_heads: int = 4
@@ -216,7 +217,7 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward instead of storing them."""
     ep_degree: int = 1
-    """Expert parallelism (model.family=moe): each group of ep_degree consecutive data-parallel ranks
+    """Expert parallelism (model.family=moe, dropless_moe): each group of ep_degree consecutive data-parallel ranks
     splits every MoE layer's experts between them and exchanges tokens all-to-all; must divide both
     model.moe.num_experts and the data-parallel ranks."""
     collective_timeout_s: float = 600

@@ -165,6 +165,23 @@ def row_sources(batches: list[dict]) -> list[int]:
     return sorted({int(i) for b in batches if "source" in b for i in b["source"].tolist()})
 
 
+def was_skipped(s: Session, step: int, result: StepResult, position: dict, sources: list[int]) -> bool:
+    """Whether DeepSpeed skipped this step's update (a non-finite loss or gradient norm, guard.py): then
+    logged with its data, and past train.max_skipped_steps a checkpoint of the last good weights and a
+    stop (TrainingError)."""
+    mean_loss = all_reduce_sum([result.loss])[0] / s.world.world_size  # NaN if any rank's is: all agree
+    reason = s.guard.check(step, mean_loss, result.grad_norm, s.engine.was_step_applied())
+    if reason is None:
+        return False
+    names = s.loader.source_names
+    everyone = sorted({i for part in all_gather_object(sources) for i in part})
+    s.metrics.skipped_step(step, reason, s.engine.skipped_steps, position, [names[i] for i in everyone if i < len(names)])
+    if s.guard.exceeded():  # the weights are still the last good ones: keep them
+        saved = s.checkpointer.save(step, s.engine, s.loader.state_dict())
+        raise TrainingError(s.guard.stop_message(step, saved.name if saved else "no checkpoint"))
+    return True
+
+
 def stop_or_fail(stop: StopRequest, data_error: str | None) -> tuple[bool, str | None]:
     """One collective per step: (any rank asked to stop, the first rank's DataLoader failure)."""
     stop_votes, failures = all_reduce_sum([1.0 if stop.signal_name else 0.0, 1.0 if data_error else 0.0])
@@ -287,17 +304,8 @@ def train(cfg: Config, resume: bool = False, stop: StopRequest | None = None) ->
             sources = row_sources(batches)  # read before train_step takes the batches apart
             result = train_step(s.engine, batches, len(s.loader.source_names), s.family,
                                 poison=injected_nan(step, s.world.rank))
-            mean_loss = all_reduce_sum([result.loss])[0] / s.world.world_size  # NaN if any rank's is: all agree
-            skipped = s.guard.check(step, mean_loss, result.grad_norm, s.engine.was_step_applied())
-            if skipped:
-                everyone = sorted({i for part in all_gather_object(sources) for i in part})
-                s.metrics.skipped_step(step, skipped, s.engine.skipped_steps, position,
-                                       [s.loader.source_names[i] for i in everyone if i < len(s.loader.source_names)])
-            else:
+            if not was_skipped(s, step, result, position, sources):
                 s.metrics.step(step, result, s.engine.get_lr()[0], s.evaluator.maybe_run(step))
-            if skipped and s.guard.exceeded():  # the weights are still the last good ones: keep them
-                saved_dir = s.checkpointer.save(step, s.engine, s.loader.state_dict())
-                raise TrainingError(s.guard.stop_message(step, saved_dir.name if saved_dir else "no checkpoint"))
             if s.checkpointer.due(step, last) and s.checkpointer.save(step, s.engine, s.loader.state_dict()):
                 saved = step
             s.heartbeat.beat(step)

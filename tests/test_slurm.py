@@ -161,10 +161,14 @@ def test_a_dead_rank_requeues_the_job_and_it_resumes(slurm_cluster, dm_data, tmp
                     p.info["cmdline"] or []):
                 return p
     wait_for(rank1, 30, "rank 1's process", poll=0.2).kill()
+    killed = time.monotonic()
+    err = run / "slurm" / f"{job}_0_log.err"
+    wait_for(lambda: err.is_file() and "scontrol requeue" in err.read_text(), 120, "the requeue", poll=0.1)
+    print(f"rank 1 killed -> job requeued: {time.monotonic() - killed:.1f} s")
     final = wait_done(run, timeout=300)
     assert "REQUEUED" in sacct_history(job)
     assert final["step"] == 300 and final["restarts"] == 1
-    log = (run / "slurm" / f"{job}_0_log.err").read_text()
+    log = err.read_text()
     assert "rank 1 (" in log and "stopped answering" in log and f"scontrol requeue {job}" in log
     restarted = [r for r in records(run) if r["restarts"] == 1]
     assert restarted[0]["step"] in (51, 101)  # from the last checkpoint before the kill
