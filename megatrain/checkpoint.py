@@ -48,12 +48,13 @@ UNIVERSAL = "universal"
 """Written into a checkpoint after it was saved (Checkpointer.prepare_resume): not in its checksums."""
 
 
-def _files(step_dir: Path) -> list[str]:
+def checkpoint_files(step_dir: Path) -> list[str]:
+    """Every file a checkpoint's checksums cover, as paths relative to it."""
     return sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*")
                   if p.is_file() and p.name != CHECKSUMS and p.relative_to(step_dir).parts[0] != UNIVERSAL)
 
 
-def _sha256(names: list[str], step_dir: Path, world: World | None) -> dict[str, str]:
+def sha256_of(names: list[str], step_dir: Path, world: World | None) -> dict[str, str]:
     """sha256 of each file, the files shared out over the ranks (every rank must call it with a world)."""
     rank, size = (world.rank, world.world_size) if world else (0, 1)
     mine = {}
@@ -80,8 +81,8 @@ def agree(error: str | None) -> str | None:
 
 
 def write_checksums(step_dir: Path, world: World) -> None:
-    names = _files(step_dir)
-    digests = _sha256(names, step_dir, world)
+    names = checkpoint_files(step_dir)
+    digests = sha256_of(names, step_dir, world)
     if world.is_main:
         files = {n: {"size": (step_dir / n).stat().st_size, "sha256": digests[n]} for n in names}
         atomic_write_text(step_dir / CHECKSUMS, json.dumps({"algorithm": "sha256", "files": files}, indent=1))
@@ -107,7 +108,7 @@ def damage(step_dir: Path, world: World | None = None) -> str | None:
             return f"{name} has {path.stat().st_size} bytes, {want['size']} when saved"
     if world is None:
         return None
-    digests = _sha256(sorted(files), step_dir, world)
+    digests = sha256_of(sorted(files), step_dir, world)
     bad = [n for n in sorted(files) if digests[n] != files[n]["sha256"]]
     return f"{bad[0]} differs from its sha256 in {CHECKSUMS}" if bad else None
 

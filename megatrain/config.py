@@ -179,8 +179,8 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.max_skipped_steps < 0 or self.skip_window < 1:
-            raise ConfigError(f"train.max_skipped_steps={self.max_skipped_steps}, train.skip_window={self.skip_window}: "
-                              "use max_skipped_steps >= 0 and skip_window >= 1")
+            raise ConfigError(f"train.max_skipped_steps={self.max_skipped_steps}, train.skip_window="
+                              f"{self.skip_window}: use max_skipped_steps >= 0 and skip_window >= 1")
 
 
 @dataclass

@@ -175,7 +175,8 @@ def was_skipped(s: Session, step: int, result: StepResult, position: dict, sourc
         return False
     names = s.loader.source_names
     everyone = sorted({i for part in all_gather_object(sources) for i in part})
-    s.metrics.skipped_step(step, reason, s.engine.skipped_steps, position, [names[i] for i in everyone if i < len(names)])
+    s.metrics.skipped_step(step, reason, s.engine.skipped_steps, position,
+                           [names[i] for i in everyone if i < len(names)])
     if s.guard.exceeded():  # the weights are still the last good ones: keep them
         saved = s.checkpointer.save(step, s.engine, s.loader.state_dict())
         raise TrainingError(s.guard.stop_message(step, saved.name if saved else "no checkpoint"))

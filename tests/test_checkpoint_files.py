@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -9,7 +10,7 @@ import shutil
 import numpy as np
 import torch
 
-from megatrain.checkpoint import load_rng_file, rng_state, set_rng_state
+from megatrain.checkpoint import CHECKSUMS, load_rng_file, rng_state, set_rng_state, sha256_of
 
 
 def draws():
@@ -40,12 +41,18 @@ def test_a_crafted_rng_file_is_refused_with_one_line(train_smoke, reference_run,
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)
     marker = tmp_path / "pwned"
-    torch.save({"python": Payload(marker)}, run / "checkpoints" / "step_8" / "rng_rank0.pt")
-    before = (run / "checkpoints" / "step_8" / "trainer.json").read_bytes()
+    step = run / "checkpoints" / "step_8"
+    rng = step / "rng_rank0.pt"
+    torch.save({"python": Payload(marker)}, rng)
+    # As a careful attacker would, the checksum is made to match (else the resume would take step_4).
+    manifest = json.loads((step / CHECKSUMS).read_text())
+    manifest["files"][rng.name] = {"size": rng.stat().st_size, "sha256": sha256_of([rng.name], step, None)[rng.name]}
+    (step / CHECKSUMS).write_text(json.dumps(manifest))
+    before = (step / "trainer.json").read_bytes()
     result = train_smoke(run, "--resume", "--train.steps=10", check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "rng_rank0.pt holds objects other than tensors" in errors[0], result.stderr[-2000:]
+    assert len(errors) == 1 and "rng_rank0.pt holds a pickled posix.system" in errors[0], result.stderr[-2000:]
     assert not marker.exists()  # the payload never ran
     assert (run / "checkpoints" / "latest").read_text() == "step_8"
-    assert (run / "checkpoints" / "step_8" / "trainer.json").read_bytes() == before
+    assert (step / "trainer.json").read_bytes() == before

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, SMOKE, losses
-from megatrain.checkpoint import CHECKSUMS, _files, _sha256, damage
+from megatrain.checkpoint import CHECKSUMS, checkpoint_files, damage, sha256_of
 from test_bad_input import assert_one_clear_line, tree_digest
 
 
@@ -136,7 +136,7 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused(train_smoke, reference_run,
     torch.save({**torch.load(states, weights_only=False), "x": Payload()}, states)
     manifest = json.loads((step / CHECKSUMS).read_text())
     manifest["files"]["mp_rank_00_model_states.pt"] = {"size": states.stat().st_size,
-                                                        "sha256": _sha256([states.name], step, None)[states.name]}
+                                                        "sha256": sha256_of([states.name], step, None)[states.name]}
     (step / CHECKSUMS).write_text(json.dumps(manifest))
     before = tree_digest(run / "checkpoints")
     result = train_smoke(run, "--resume", "--train.steps=10", check=False)
@@ -148,7 +148,7 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused(train_smoke, reference_run,
 def test_checksums_cover_every_file_of_a_checkpoint(reference_run):
     step = reference_run / "checkpoints" / "step_8"
     manifest = json.loads((step / CHECKSUMS).read_text())
-    assert sorted(manifest["files"]) == _files(step)
+    assert sorted(manifest["files"]) == checkpoint_files(step)
     assert {"trainer.json", "hf/model.safetensors", "rng_rank1.pt"} <= manifest["files"].keys()
     assert damage(step) is None
 
