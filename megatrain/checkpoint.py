@@ -261,7 +261,7 @@ def deepspeed_pickle_types() -> list[type]:
 
 def check_pickles(step_dir: Path, world: World | None = None) -> None:
     """Refuse a checkpoint whose .pt files would unpickle anything but tensors, containers and
-    DeepSpeed's own state classes: DeepSpeed loads them with torch.load(weights_only=False), so a
+    DeepSpeed's own state classes: DeepSpeed's loader unpickles them without restriction, so a
     crafted file could run code. Each file is read with torch's weights_only unpickler first (memory-
     mapped, so tensors are not read); the ranks share the files out.
 

@@ -23,8 +23,8 @@ from transformers import Qwen3MoeForCausalLM
 
 from megatrain.errors import ConfigError
 from megatrain.model import ModelFamily, ModelOutput, TokenIds, num_params
-from megatrain.model.llama import flops_per_token, pick_attention
-from megatrain.model.moe import MoEFamily, hf_config
+from megatrain.model.llama import flops_per_token
+from megatrain.model.moe import MoEFamily
 
 
 def _allow_autoep_registry_lookups() -> None:
@@ -73,14 +73,7 @@ class DroplessMoEFamily(MoEFamily):
 
     def build(self, cfg, ids: TokenIds, device_type: str = "cpu") -> Qwen3MoeForCausalLM:
         _allow_autoep_registry_lookups()
-        attn = pick_attention(cfg.attention, device_type)
-        if cfg.from_pretrained:
-            model = Qwen3MoeForCausalLM.from_pretrained(cfg.from_pretrained, attn_implementation=attn,
-                                                        dtype=torch.float32)
-        else:
-            config = hf_config(cfg, ids)
-            config._attn_implementation = attn
-            model = Qwen3MoeForCausalLM(config)
+        model = self.hf_model(cfg, ids, device_type)
         model.__dict__["_moe"] = cfg.moe  # the loss coefficients forward() reads (not an nn.Module attribute)
         return model
 

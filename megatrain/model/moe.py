@@ -186,15 +186,18 @@ class MoEFamily(ModelFamily):
     expert_parallel = True
 
     def build(self, cfg: ModelConfig, ids: TokenIds, device_type: str = "cpu") -> Qwen3MoeForCausalLM:
+        return replace_sparse_blocks(self.hf_model(cfg, ids, device_type), cfg.moe)
+
+    @staticmethod
+    def hf_model(cfg: ModelConfig, ids: TokenIds, device_type: str) -> Qwen3MoeForCausalLM:
+        """transformers' Qwen3-MoE, from model.from_pretrained or from the config, in fp32."""
         attn = pick_attention(cfg.attention, device_type)
         if cfg.from_pretrained:
-            model = Qwen3MoeForCausalLM.from_pretrained(cfg.from_pretrained, attn_implementation=attn,
-                                                        dtype=torch.float32)
-        else:
-            config = hf_config(cfg, ids)
-            config._attn_implementation = attn
-            model = Qwen3MoeForCausalLM(config)
-        return replace_sparse_blocks(model, cfg.moe)
+            return Qwen3MoeForCausalLM.from_pretrained(cfg.from_pretrained, attn_implementation=attn,
+                                                       dtype=torch.float32)
+        config = hf_config(cfg, ids)
+        config._attn_implementation = attn
+        return Qwen3MoeForCausalLM(config)
 
     def shard_experts(self, model: Qwen3MoeForCausalLM, cfg, dims, rank: int) -> Qwen3MoeForCausalLM:
         if dims.ep == 1:
