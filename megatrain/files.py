@@ -13,6 +13,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+# mkstemp makes files 0600; a file written in place would get 0666 less the umask (teammates read a
+# run's config and checkpoints). Read once at import, where no other thread can race os.umask.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextmanager
 def atomic_binary_file(path: str | Path) -> Iterator[IO[bytes]]:
@@ -29,6 +34,7 @@ def atomic_binary_file(path: str | Path) -> Iterator[IO[bytes]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.fchmod(descriptor, 0o666 & ~_UMASK)
         with os.fdopen(descriptor, "wb") as file:
             yield file
             file.flush()

@@ -56,3 +56,16 @@ def test_a_crafted_rng_file_is_refused_with_one_line(train_smoke, reference_run,
     assert not marker.exists()  # the payload never ran
     assert (run / "checkpoints" / "latest").read_text() == "step_8"
     assert (step / "trainer.json").read_bytes() == before
+
+
+def test_state_files_are_readable_as_the_umask_allows(reference_run):
+    """Atomic writes go through mkstemp (mode 0600); teammates must read a run's config, eval and
+    checkpoints like any file written in place."""
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    latest = (reference_run / "checkpoints" / "latest").read_text().strip()
+    for path in (reference_run / "config.yaml", reference_run / "eval.json", reference_run / "checkpoints" / "latest",
+                 reference_run / "checkpoints" / latest / CHECKSUMS):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
