@@ -26,6 +26,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -54,11 +55,15 @@ def checkpoint_files(step_dir: Path) -> list[str]:
                   if p.is_file() and p.name != CHECKSUMS and p.relative_to(step_dir).parts[0] != UNIVERSAL)
 
 
+def my_share(items: list, world: World | None) -> list:
+    """This rank's part of `items` where the ranks share reading files out (all of them without a world)."""
+    return items[world.rank::world.world_size] if world else items
+
+
 def sha256_of(names: list[str], step_dir: Path, world: World | None) -> dict[str, str]:
     """sha256 of each file, the files shared out over the ranks (every rank must call it with a world)."""
-    rank, size = (world.rank, world.world_size) if world else (0, 1)
     mine = {}
-    for name in names[rank::size]:
+    for name in my_share(names, world):
         with open(step_dir / name, "rb") as f:
             mine[name] = hashlib.file_digest(f, "sha256").hexdigest()
     return {k: v for part in (all_gather_object(mine) if world else [mine]) for k, v in part.items()}
@@ -268,11 +273,10 @@ def check_pickles(step_dir: Path, world: World | None = None) -> None:
     Raises:
         CheckpointError: naming the file and the object it holds.
     """
-    rank, size = (world.rank, world.world_size) if world else (0, 1)
     files = sorted(p for p in step_dir.rglob("*.pt") if UNIVERSAL not in p.relative_to(step_dir).parts)
     problem = None
     with torch.serialization.safe_globals(deepspeed_pickle_types()):
-        for path in files[rank::size]:
+        for path in my_share(files, world):
             try:
                 torch.load(path, weights_only=True, mmap=True, map_location="cpu")
             except pickle.UnpicklingError as error:
@@ -361,32 +365,32 @@ class Checkpointer:
         cannot leave the others waiting: DeepSpeed's save_checkpoint is (0.19.8) a barrier, this rank's
         writes, a barrier; export_hf gathers before rank 0 writes.
         """
-        error = None
-        try:
-            engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=trainer_state, save_latest=False)
-        except WRITE_ERRORS as e:
-            error = f"rank {self.world.rank}: {write_error(e, self.root)}"
+        rank = self.world.rank
+        error = self._attempt(lambda: engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=trainer_state,
+                                                             save_latest=False))
+        if error:
             barrier()  # the one that closes DeepSpeed's save, where the other ranks wait
-        try:
-            if error is None:
-                torch.save(rng_state(), tmp / f"rng_rank{self.world.rank}.pt")
-        except WRITE_ERRORS as e:
-            error = f"rank {self.world.rank}: {write_error(e, self.root)}"
-        try:  # on every rank, failed or not: its gathers are collectives
-            export_hf(engine, family(self.cfg.model.family), tmp / "hf", self.world, self.tokenizer_path)
-            if error is None and self.world.is_main:
-                save_config(self.cfg, tmp / CONFIG_NAME, self.config_comment)
-                atomic_write_text(tmp / "trainer.json", json.dumps(trainer_state, indent=2))
-        except WRITE_ERRORS as e:
-            error = error or f"rank {self.world.rank}: {write_error(e, self.root)}"
+        else:
+            error = self._attempt(lambda: torch.save(rng_state(), tmp / f"rng_rank{rank}.pt"))
+        # On every rank, failed or not: export_hf's gathers are collectives.
+        export_error = self._attempt(lambda: export_hf(engine, family(self.cfg.model.family), tmp / "hf", self.world,
+                                                       self.tokenizer_path))
+        error = error or export_error
+        if error is None and self.world.is_main:
+            error = self._attempt(lambda: (save_config(self.cfg, tmp / CONFIG_NAME, self.config_comment),
+                                           atomic_write_text(tmp / "trainer.json", json.dumps(trainer_state, indent=2))))
         error = agree(error)  # also: every rank's files are in tmp before they are summed
         if error is None:
-            try:
-                write_checksums(tmp, self.world)
-            except WRITE_ERRORS as e:
-                error = f"rank {self.world.rank}: {write_error(e, self.root)}"
-            error = agree(error)
+            error = agree(self._attempt(lambda: write_checksums(tmp, self.world)))
         return error
+
+    def _attempt(self, write: Callable[[], object]) -> str | None:
+        """Run one write; what failed (naming this rank and the free space), or None."""
+        try:
+            write()
+        except WRITE_ERRORS as e:
+            return f"rank {self.world.rank}: {write_error(e, self.root)}"
+        return None
 
     def _no_room(self) -> str | None:
         """Why the next checkpoint will not fit (less free space than the last one took), or None."""
@@ -449,9 +453,8 @@ class Checkpointer:
         return True
 
     def load(self, engine, loader, path: Path) -> int:
-        """Restore model, optimizer, scheduler, RNG and data position from `path` (pick_checkpoint's);
-        returns the step reached."""
-        check_compatible(path, self.cfg)
+        """Restore model, optimizer, scheduler, RNG and data position from `path` (pick_checkpoint's,
+        checked by train.setup before the engine was built); returns the step reached."""
         if engine.load_universal_checkpoint():  # another world size: see prepare_resume
             load_path, client = engine.load_checkpoint(str(path), tag="universal")
             client = {**client, **json.loads((path / "trainer.json").read_text())}

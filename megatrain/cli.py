@@ -10,17 +10,6 @@ import sys
 from megatrain.errors import MegatrainError
 
 
-def exit_if_rank_lost(cfg, error: RuntimeError) -> None:
-    """A collective failed because a peer died or hangs: one line naming it, then exit code 3 at once
-    (a normal exit would wait on the broken process group)."""
-    from megatrain.heartbeat import EXIT_RANK_LOST, is_collective_failure, lost_rank_line
-
-    if is_collective_failure(error):
-        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        print(f"error: {lost_rank_line(cfg.run.dir, rank, world_size, error)}", file=sys.stderr, flush=True)
-        os._exit(EXIT_RANK_LOST)
-
-
 def _train(args, overrides: list[str]) -> int:
     from megatrain.config import load_config
     from megatrain.train import preflight, train
@@ -38,7 +27,9 @@ def _train(args, overrides: list[str]) -> int:
     try:
         summary = train(cfg, resume=args.resume)
     except RuntimeError as e:
-        exit_if_rank_lost(cfg, e)
+        from megatrain.heartbeat import exit_if_rank_lost
+
+        exit_if_rank_lost(cfg.run.dir, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), e)
         raise
     if "stopped_at" in summary:  # SIGTERM/SIGUSR2: a checkpoint at that step, then out
         if int(os.environ.get("RANK", 0)) == 0:

@@ -20,12 +20,15 @@ os.umask(_UMASK)
 
 
 @contextmanager
-def atomic_binary_file(path: str | Path) -> Iterator[IO[bytes]]:
+def atomic_binary_file(path: str | Path, durable: bool = True) -> Iterator[IO[bytes]]:
     """Opens a temp file next to `path`; on success it is flushed to disk and replaces `path`, on
     error it is removed.
 
     Args:
         path: The final destination; its folder is created if missing.
+        durable: fsync before the rename, so a machine crash cannot leave an empty file under the name.
+            False for notes rewritten every few seconds (heartbeats): an fsync there would stall a
+            training step on a shared file system, and a lost note costs nothing.
 
     Yields:
         A binary file object to write to.
@@ -38,13 +41,14 @@ def atomic_binary_file(path: str | Path) -> Iterator[IO[bytes]]:
         with os.fdopen(descriptor, "wb") as file:
             yield file
             file.flush()
-            os.fsync(file.fileno())  # the rename must not reach the disk before the data does
+            if durable:
+                os.fsync(file.fileno())  # the rename must not reach the disk before the data does
         os.replace(temp_name, path)
     except BaseException:
         os.unlink(temp_name)
         raise
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    with atomic_binary_file(path) as file:
+def atomic_write_text(path: str | Path, text: str, durable: bool = True) -> None:
+    with atomic_binary_file(path, durable) as file:
         file.write(text.encode("utf-8"))

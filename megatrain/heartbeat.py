@@ -4,7 +4,7 @@ A collective with a dead peer fails at once (gloo: "Connection closed by peer");
 hangs (SIGSTOP, a stuck kernel, a dead node whose socket stays open) it fails when the process
 group's timeout runs out (dims.init_world sets it for every group). Either way the survivors only
 know that *a* peer is gone. So each rank notes its last finished step in
-<run.dir>/heartbeats/rank<R>.json (at most every few seconds); a survivor whose collective fails
+<run.dir>/heartbeats/rank<R>.json (at most every 10 s); a survivor whose collective fails
 marks its note "failed", waits a few seconds for the other survivors to do the same, and names the
 ranks whose notes are not marked: those stopped. It then prints one line and exits with
 EXIT_RANK_LOST, which the local launcher and the SLURM job (scontrol requeue) turn into a restart
@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
+from collections.abc import Callable
 
 from megatrain.files import atomic_write_text
 from megatrain.run_dir import RunDir
@@ -37,7 +39,7 @@ _last_step: int | None = None  # this process's last finished step (the note on 
 class Heartbeat:
     """This rank's note of its last finished step (written at most every `every_s` seconds)."""
 
-    def __init__(self, run_dir: str, rank: int, every_s: float = 2.0):
+    def __init__(self, run_dir: str, rank: int, every_s: float = 10.0):
         self.path = RunDir(run_dir).heartbeat(rank)
         self.rank, self.every_s, self._last = rank, every_s, 0.0
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,8 +50,21 @@ class Heartbeat:
         now = time.time()
         if force or now - self._last >= self.every_s:
             note = {"rank": self.rank, "step": step, "time": now, "host": socket.gethostname(), "pid": os.getpid()}
-            atomic_write_text(self.path, json.dumps(note))
+            atomic_write_text(self.path, json.dumps(note), durable=False)
             self._last = now
+
+
+def exit_if_rank_lost(run_dir: str, rank: int, world_size: int, error: BaseException,
+                      before_exit: Callable[[], None] | None = None) -> None:
+    """If `error` is a collective that failed on a lost peer: one line naming it, `before_exit()` (a
+    SLURM job requeues itself there), then exit code EXIT_RANK_LOST at once (a normal exit would wait
+    on the broken process group). Otherwise returns, for the caller to raise `error`."""
+    if not is_collective_failure(error):
+        return
+    print(f"error: {lost_rank_line(run_dir, rank, world_size, error)}", file=sys.stderr, flush=True)
+    if before_exit is not None:
+        before_exit()
+    os._exit(EXIT_RANK_LOST)
 
 
 def lost_rank_line(run_dir: str, rank: int, world_size: int, error: BaseException, grace_s: float = 3.0) -> str:

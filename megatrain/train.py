@@ -220,7 +220,8 @@ def setup(cfg: Config, resume: bool) -> Session:
     """
     data = preflight(cfg, export_rank_env(), resume)
     world = init_world(cfg.parallel.tp_degree, cfg.parallel.ep_degree, cfg.parallel.collective_timeout_s)
-    resume_from = pick_checkpoint(RunDir(cfg.run.dir), world) if resume else None  # sha256-checked
+    run = RunDir(cfg.run.dir)
+    resume_from = pick_checkpoint(run, world) if resume else None  # sha256-checked
     if resume_from is not None:
         check_pickles(resume_from, world)  # before anything unpickles it (DeepSpeed, ds_to_universal)
         check_compatible(resume_from, cfg)  # an older checkpoint than preflight's, after a damaged one
@@ -229,7 +230,6 @@ def setup(cfg: Config, resume: bool) -> Session:
     if cfg.data.verify:
         data.verify(world)
     seed_everything(cfg.run.seed)
-    run = RunDir(cfg.run.dir)
     if world.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.config, precision_note)

@@ -7,6 +7,7 @@ consumed by optimizer steps, not what workers prefetched, so a resume is exact.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import threading
@@ -139,21 +140,6 @@ def ignore_scheduler_signals(_worker_id: int) -> None:
     threading.Thread(target=watch, name="scheduler-signals", daemon=True).start()
 
 
-def next_batch(loader) -> dict[str, torch.Tensor]:
-    """loader's next micro-batch from its DataLoader (`loader._iter`, made by iterate()); a worker that
-    died is named with the micro-batch it owed and the shard files that batch reads."""
-    try:
-        return next(loader._iter)
-    except RuntimeError as error:
-        if "DataLoader worker" not in str(error):
-            raise
-        stream, first = loader._stream, loader._first_micro_step
-        worker = (loader.micro_step - first) % loader.num_workers  # worker_micro_steps deals them round-robin
-        files = ", ".join(stream.shard_files(loader.micro_step))
-        raise RuntimeError(f"{str(error).splitlines()[0].rstrip('. ')}: worker {worker} of {loader.num_workers} "
-                           f"owed micro-batch {loader.micro_step}, read from {files}") from None
-
-
 def iterate(stream: MicroBatchStream, num_workers: int):
     """The stream's batches through a DataLoader: whole batches built in `num_workers` processes.
 
@@ -167,27 +153,34 @@ def iterate(stream: MicroBatchStream, num_workers: int):
     batches = iter(DataLoader(stream, batch_size=None, num_workers=num_workers, prefetch_factor=4,
                               worker_init_fn=ignore_scheduler_signals))
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    return _from_workers(batches)
+    return _from_workers(batches, stream, num_workers)
 
 
-def _from_workers(batches):
-    """The DataLoader's batches, with a worker that dies while handing one over reported as torch
-    reports a dead worker.
+def _from_workers(batches, stream: MicroBatchStream, num_workers: int):
+    """The DataLoader's batches; a worker that died is named with the micro-batch it owed and the shard
+    files that batch reads.
 
     A batch's tensors come over a socket of the worker's (their file descriptors); a worker killed at
     that moment surfaces as ConnectionResetError / EOFError here, before torch notices the death
-    (seen once in a full test run, 2026-12-02).
+    (seen once in a full test run, 2026-12-02): it is reported as torch reports a dead worker.
     """
-    while True:
+    for micro_step in itertools.count(stream.start_micro_step):
         try:
             batch = next(batches)
-        except (ConnectionError, EOFError) as error:
-            deadline = time.monotonic() + 5
-            dead = []
-            while not dead and time.monotonic() < deadline:
-                dead = [str(w.pid) for w in batches._workers if not w.is_alive()]  # torch's own check
-                time.sleep(0.05)
-            raise RuntimeError(f"DataLoader worker (pid(s) {', '.join(dead) or '?'}) exited unexpectedly") from error
+        except (ConnectionError, EOFError, RuntimeError) as error:
+            if isinstance(error, RuntimeError):
+                if "DataLoader worker" not in str(error):
+                    raise
+                what = str(error).splitlines()[0].rstrip(". ")
+            else:
+                deadline, dead = time.monotonic() + 5, []
+                while not dead and time.monotonic() < deadline:
+                    dead = [str(w.pid) for w in batches._workers if not w.is_alive()]  # torch's own check
+                    time.sleep(0.05)
+                what = f"DataLoader worker (pid(s) {', '.join(dead) or '?'}) exited unexpectedly"
+            worker = (micro_step - stream.start_micro_step) % num_workers  # worker_micro_steps: round-robin
+            raise RuntimeError(f"{what}: worker {worker} of {num_workers} owed micro-batch {micro_step}, read from "
+                               f"{', '.join(stream.shard_files(micro_step))}") from error
         yield batch
 
 
@@ -259,7 +252,7 @@ class QAStream(MicroBatchStream):
     def shard_files(self, micro_step: int) -> list[str]:
         indices = micro_batch_indices(micro_step, self.rank, self.dp_size, self.micro_batch_size)
         blocks, _ = self.order.locate_many(np.asarray(indices))
-        return sorted({str(self.shards.shard_paths[self.shards._block_shard[b]]) for b in blocks.tolist()})
+        return sorted({str(self.shards.block_file(b)) for b in blocks.tolist()})
 
     def micro_batch(self, micro_step: int) -> dict[str, torch.Tensor]:
         indices = micro_batch_indices(micro_step, self.rank, self.dp_size, self.micro_batch_size)
@@ -295,11 +288,10 @@ class QALoader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iter is None:
-            self._stream = QAStream(*self._args, start_micro_step=self.micro_step,
-                                    global_batch_size=self.global_batch_size, fixed_width=self.fixed_width,
-                                    task=self.task)
-            self._iter, self._first_micro_step = iterate(self._stream, self.num_workers), self.micro_step
-        batch = next_batch(self)
+            stream = QAStream(*self._args, start_micro_step=self.micro_step, global_batch_size=self.global_batch_size,
+                              fixed_width=self.fixed_width, task=self.task)
+            self._iter = iterate(stream, self.num_workers)
+        batch = next(self._iter)
         self.micro_step += 1
         return batch
 

@@ -16,7 +16,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from megatrain.data.loader import IGNORE_INDEX, MicroBatchStream, iterate, next_batch
+from megatrain.data.loader import IGNORE_INDEX, MicroBatchStream, iterate
 from megatrain.data.mixture import Mixture, Stage, quotas, source_seed
 from megatrain.data.order import SampleOrder, micro_batch_indices
 from megatrain.data.packed import PackedDataset
@@ -131,8 +131,8 @@ class PackedStream(MicroBatchStream):
     def shard_files(self, micro_step: int) -> list[str]:
         indices = micro_batch_indices(micro_step, self.rank, self.dp_size, self.micro_batch_size)
         sources, blocks, _ = self.sampler.locate(np.asarray(indices))
-        return sorted({str(d.path / d.shards[d.block_shard[b]]["path"])
-                       for d, b in ((self.sampler.datasets[s], b) for s, b in zip(sources.tolist(), blocks.tolist()))})
+        datasets = self.sampler.datasets
+        return sorted({str(datasets[s].block_file(b)) for s, b in zip(sources.tolist(), blocks.tolist())})
 
     def micro_batch(self, micro_step: int) -> dict[str, torch.Tensor]:
         indices = micro_batch_indices(micro_step, self.rank, self.dp_size, self.micro_batch_size)
@@ -194,10 +194,10 @@ class MixtureLoader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iter is None:
-            self._stream = PackedStream(self._sampler, self.rank, self.dp_size, self.micro_batch_size,
-                                        self.attention_reset, start_micro_step=self.micro_step)
-            self._iter, self._first_micro_step = iterate(self._stream, self.num_workers), self.micro_step
-        batch = next_batch(self)
+            stream = PackedStream(self._sampler, self.rank, self.dp_size, self.micro_batch_size,
+                                  self.attention_reset, start_micro_step=self.micro_step)
+            self._iter = iterate(stream, self.num_workers)
+        batch = next(self._iter)
         self.micro_step += 1
         return batch
 

@@ -117,6 +117,10 @@ class PackedDataset:
         is_last = rows == self.block_rows[blocks] - 1
         return np.where(is_last, self._block_last_row_tokens[blocks], self.seq_len)
 
+    def block_file(self, block: int) -> Path:
+        """The shard file that holds a block."""
+        return self.path / self.shards[int(self.block_shard[block])]["path"]
+
     def read_block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
         """Reads one block.
 

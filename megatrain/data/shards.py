@@ -186,6 +186,10 @@ class ShardSet:
     def __len__(self) -> int:
         return self.num_samples
 
+    def block_file(self, block_index: int) -> Path:
+        """The shard file that holds a block."""
+        return self.shard_paths[self._block_shard[block_index]]
+
     def read_block(self, block_index: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Reads one block.
 

@@ -13,6 +13,7 @@ before anything is written or submitted.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -30,6 +31,7 @@ import yaml
 
 from megatrain.config import Config, load_config, migrate, to_dict
 from megatrain.errors import ConfigError, MegatrainError
+from megatrain.heartbeat import exit_if_rank_lost
 from megatrain.run_dir import RunDir
 
 
@@ -112,7 +114,8 @@ class SlurmTrain(submitit.helpers.Checkpointable):
             try:
                 summary = train(cfg, resume=resume, stop=stop)
             except RuntimeError as error:
-                requeue_if_rank_lost(cfg, dist.rank, dist.world_size, error)
+                exit_if_rank_lost(cfg.run.dir, dist.rank, dist.world_size, error,
+                                  before_exit=functools.partial(requeue_after_lost_rank, dist.rank))
                 raise
         if "stopped_at" not in summary:
             return summary
@@ -132,19 +135,13 @@ class SlurmTrain(submitit.helpers.Checkpointable):
         raise RuntimeError("rank 0 did not requeue the job within 60 s; see its log")
 
 
-def requeue_if_rank_lost(cfg: Config, rank: int, world_size: int, error: RuntimeError) -> None:
-    """A peer died or hangs (heartbeat.py): one line naming it, `scontrol requeue` of this job (every
-    survivor asks; SLURM takes the first, and its MaxBatchRequeue, 5 by default, caps the loop), then
-    exit code 3 at once. The requeued job resumes from the latest checkpoint."""
-    from megatrain.heartbeat import EXIT_RANK_LOST, is_collective_failure, lost_rank_line
-
-    if not is_collective_failure(error):
-        return
-    print(f"error: {lost_rank_line(cfg.run.dir, rank, world_size, error)}", file=sys.stderr, flush=True)
+def requeue_after_lost_rank(rank: int) -> None:
+    """`scontrol requeue` of this job after a peer died or hangs (heartbeat.py); the requeued job
+    resumes from the latest checkpoint. Every survivor asks: SLURM takes the first, and its
+    MaxBatchRequeue (5 by default) caps a loop of failing attempts."""
     job = submitit.JobEnvironment().job_id
     done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     print(f"rank {rank}: scontrol requeue {job}: {(done.stderr or 'requeued').strip()}", file=sys.stderr, flush=True)
-    os._exit(EXIT_RANK_LOST)
 
 
 def _job_state(job_id: str) -> str | None:
