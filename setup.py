@@ -6,7 +6,8 @@ setup(
     description="DeepSpeed ZeRO pretraining and fine-tuning of language models on math corpora",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    # 3.11: hashlib.file_digest (checkpoint checksums, shard ids); only 3.11 is tested.
+    python_requires=">=3.11",
     packages=find_packages(include=["megatrain", "megatrain.*", "data_tools", "data_tools.*"]),
     # torch is deliberately unpinned here: install it first (the Makefile does, torch==2.13.0 on
     # CPU); a bare resolver run with no torch present would pull the CUDA build.

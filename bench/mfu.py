@@ -7,6 +7,7 @@ on; TP=1 on one GPU, and TP=2 where two GPUs exist (each layout started as local
 
     python bench/mfu.py                 # every row this machine can run
     python bench/mfu.py --steps 20 --layers 16
+    python bench/mfu.py --flash-sdpa --json rows.json   # SDPA's flash kernel or fail; rows as JSON too
 
 Goal: >= 55 % MFU on H100/H200. Without a GPU it says so and exits 0 (CI has none).
 """
@@ -26,7 +27,7 @@ import torch  # noqa: E402
 
 from megatrain.config import load_config  # noqa: E402
 from megatrain.launch.local import rank_env  # noqa: E402
-from megatrain.parallel.dims import free_port, init_world  # noqa: E402  (before deepspeed loads)
+from megatrain.parallel.dims import free_port, init_world, shutdown  # noqa: E402  (before deepspeed loads)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -76,13 +77,13 @@ def worker(args: argparse.Namespace) -> None:
         print(json.dumps({"tokens_per_s": tokens_per_s, "mfu": mfu, "device": torch.cuda.get_device_name(),
                           "attention": model.config._attn_implementation, "ms_per_step": elapsed / args.steps * 1e3,
                           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}), flush=True)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    shutdown()
 
 
 def run(args: argparse.Namespace, tp: int, ac: bool) -> dict:
     port = free_port()
     argv = [sys.executable, __file__, "--worker", f"--tp={tp}", *(["--ac"] if ac else []),
+            *(["--flash-sdpa"] if args.flash_sdpa else []),
             *(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
               if k in ("hidden", "layers", "heads", "kv_heads", "ffn", "seq", "vocab", "micro_batch", "steps",
                        "warmup"))]
@@ -107,12 +108,20 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--flash-sdpa", action="store_true",
+                   help="run inside sdpa_kernel(FLASH_ATTENTION): an SDPA call that cannot take the flash kernel fails")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the rows to PATH as a JSON list")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--ac", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        worker(args)
+        if args.flash_sdpa:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                worker(args)
+        else:
+            worker(args)
         return 0
     if not torch.cuda.is_available():
         print("bench/mfu.py measures GPU MFU; this machine has no CUDA device, so there is nothing to measure.")
@@ -122,9 +131,13 @@ def main(argv=None) -> int:
           f"micro batch {args.micro_batch}, bf16, ZeRO-1; {gpus} x {torch.cuda.get_device_name()}, torch "
           f"{torch.__version__}")
     print("| TP | activation checkpointing | attention | tokens/s | ms/step | MFU | peak GiB |\n|---:|---|---|---:|---:|---:|---:|")
+    rows = []
     for tp in [t for t in (1, 2) if t <= gpus]:
         for ac in (False, True):
             r = run(args, tp, ac)
+            rows.append({"tp": tp, "activation_checkpointing": ac, "flash_sdpa": args.flash_sdpa, **r})
+            if args.json:
+                Path(args.json).write_text(json.dumps(rows, indent=1))
             if "error" in r:
                 print(f"| {tp} | {'on' if ac else 'off'} | | failed: {r['error'][:120]} | | | |")
                 continue

@@ -98,6 +98,7 @@ def config(args: argparse.Namespace, kind: str, data: Path, run_dir: Path):
 def worker(args: argparse.Namespace) -> None:
     """One model: train --steps steps when told to on stdin, a block at a time; report each step's
     training loss and time, and the held-out loss after the block (not timed)."""
+    from megatrain import objective
     from megatrain.data.training_data import open_data
     from megatrain.model import num_params
     from megatrain.train import fetch, setup, train_step
@@ -118,8 +119,9 @@ def worker(args: argparse.Namespace) -> None:
         total = 0.0
         for batch in heldout_batches:
             batch = {k: v for k, v in batch.items() if k not in ("real_tokens", "source")}
-            out = s.family.forward(s.engine, batch)
-            total += float(out.parts.get("loss_part/lm", out.loss))
+            token_loss = objective.token_loss(s.family.forward(s.engine, batch).logits, batch["labels"],
+                                              s.family.task, split_vocab=False)
+            total += float(token_loss.sum() / objective.label_counts(batch["labels"], s.family.task).sum())
         s.engine.module.train()
         return total / len(heldout_batches)
 
@@ -132,7 +134,7 @@ def worker(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             batches, _ = fetch(s.loader, s.plan.accumulation)
             result = train_step(s.engine, batches, len(s.loader.source_names), s.family)
-            block.append([result.parts.get("loss_part/lm", result.loss), time.perf_counter() - t0])
+            block.append([result.lm_loss_sum / result.label_tokens, time.perf_counter() - t0])
         report({"steps": block, "heldout": heldout_loss()})
 
 

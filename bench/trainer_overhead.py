@@ -9,7 +9,13 @@ change in the machine's load hits both; each side's time is the median over roun
     python bench/trainer_overhead.py --zero-stage 0 --precision bf16
 
 The last line printed is `overhead ratio: X.XX` (median megatrain ms/step / median plain ms/step).
-Goal: <= 1.05.
+Goal: <= 1.05. Each side's peak memory is reported too (CUDA: the allocator's peak; CPU: the peak
+resident set, reset per block after returning freed heap to the system).
+
+    python bench/trainer_overhead.py --per-source --vocab 32000 --seq 1024 --micro-batch 4
+
+compares megatrain's step with per-source loss metrics (two sources) against the same step without
+(`per-source ratio: X.XX`, time and peak memory); goal <= 1.02 for both.
 
 bf16: DeepSpeed runs forward/backward in bf16 and keeps fp32 master weights and optimizer state.
 `--plain-bf16 master` (default) gives the plain loop the same recipe by hand (bf16 model, fp32
@@ -20,6 +26,7 @@ cheaper and numerically different.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import statistics
@@ -60,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-batches", type=int, default=4, help="distinct synthetic batches, cycled")
     p.add_argument("--plain-bf16", choices=("master", "pure"), default="master")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--per-source", action="store_true",
+                   help="megatrain with per-source metrics against megatrain without, instead of the plain loop")
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads; 0 keeps torch's default. On a machine whose cores are busy "
                         "with other jobs, 1 avoids timing OpenMP threads waiting for descheduled peers")
@@ -149,6 +158,22 @@ class PlainTrainer:
         return loss.item()
 
 
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the system, so the RSS is what is alive
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0, proc(5))
+
+
+def peak_memory() -> int:
+    """Bytes at the peak since reset_peak_memory()."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+
+
 def timed(run_step, n: int, losses: list[float]) -> float:
     """Seconds for n steps of run_step; each step's loss is appended to `losses`."""
     start = time.perf_counter()
@@ -192,14 +217,21 @@ def main(argv=None) -> float:
     plain = PlainTrainer(plain_model, cfg, batches, engine.device, args.plain_bf16)
 
     sides = {"megatrain": lambda: train_step(engine, [next(loader)], 1, llama).loss, "plain": plain.step}
+    if args.per_source:  # the same engine steps both sides: only the metrics differ
+        sourced = Batches([dict(b, source=torch.arange(args.micro_batch) % 2) for b in batches])
+        sides = {"per_source": lambda: train_step(engine, [next(sourced)], 2, llama).loss,
+                 "no_source": sides["megatrain"]}
     losses = {name: [] for name in sides}
     times = {name: [] for name in sides}
+    peaks = {name: 0 for name in sides}
     for name, run_step in sides.items():
         timed(run_step, args.warmup, losses[name])
     order = list(sides)
     for r in range(args.rounds):
         for name in (order if r % 2 == 0 else order[::-1]):
+            reset_peak_memory()
             times[name].append(timed(sides[name], args.steps, losses[name]) / args.steps)
+            peaks[name] = max(peaks[name], peak_memory())
 
     tokens_per_step = args.micro_batch * args.seq
     print(f"\nmodel: {n_params / 1e6:.2f}M params (hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, "
@@ -212,12 +244,16 @@ def main(argv=None) -> float:
     print("ms/step per round:")
     for name in sides:
         print(f"  {name:<10} " + " ".join(f"{t * 1e3:8.1f}" for t in times[name]))
-    print("| side      | median ms/step | min ms/step | tokens/s |")
-    print("|-----------|---------------:|------------:|---------:|")
+    print("| side       | median ms/step | min ms/step | tokens/s | peak memory MiB |")
+    print("|------------|---------------:|------------:|---------:|----------------:|")
     median = {name: statistics.median(times[name]) for name in sides}
     for name in sides:
-        print(f"| {name:<9} | {median[name] * 1e3:14.1f} | {min(times[name]) * 1e3:11.1f} | "
-              f"{tokens_per_step / median[name]:8.0f} |")
+        print(f"| {name:<10} | {median[name] * 1e3:14.1f} | {min(times[name]) * 1e3:11.1f} | "
+              f"{tokens_per_step / median[name]:8.0f} | {peaks[name] / 2**20:15.0f} |")
+    if args.per_source:
+        ratio = median["per_source"] / median["no_source"]
+        print(f"per-source ratio: {ratio:.3f} time, {peaks['per_source'] / peaks['no_source']:.3f} peak memory")
+        return ratio
     worst, where = loss_agreement(losses["megatrain"], losses["plain"])
     # The two sides differ only in the rounding of gradient clipping: DeepSpeed takes the global norm
     # as sum(norm_i ** 2) ** 0.5 and scales by 1 / ((norm + 1e-6) / clip), torch by the norm of the

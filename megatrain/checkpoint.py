@@ -2,8 +2,13 @@
 
 Where they live in the run folder (`checkpoints/step_<N>`, `latest`): run_dir.py. Inside one:
     step_<N>/            DeepSpeed's engine state (model, optimizer, scheduler, per-rank shards)
-        hf/              the model as a Hugging Face `save_pretrained` folder, plus the tokenizer files
+        hf/              the model as a Hugging Face `save_pretrained` folder, plus the tokenizer files, in
+                         the checkpoints checkpoint.hf_export names (megatrain/export.py; resume never reads it)
+        hf_config/       hf/'s files but the weights, in every checkpoint (`megatrain export` writes hf/ from them)
         rng_rank<R>.pt   each rank's RNG states (tensors and plain values: loaded with weights_only=True)
+        zero_to_fp32.py  DeepSpeed's scripts that join the ZeRO shards into whole fp32 weights, from
+        zero_to_torch.py   the run folder: `python checkpoints/step_<N>/zero_to_fp32.py checkpoints OUT --tag step_<N>`
+        universal/       only after a resume onto another layout (layout_conversion.py)
         config.yaml      the resolved config of the run that wrote it
         trainer.json     step and data position (human-readable; also in DeepSpeed's client state)
         checksums.json   size and sha256 of every other file, written last
@@ -24,8 +29,7 @@ import pickle
 import random
 import re
 import shutil
-import subprocess
-import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,20 +37,22 @@ import numpy as np
 import torch
 import yaml
 
-from megatrain.config import Config, save_config, to_dict
-from megatrain.data.tokenizer import Tokenizer, hf_tokenizer_config
+from megatrain.config import Config, save_config
 from megatrain.errors import CheckpointError
 from megatrain.files import atomic_write_text
-from megatrain.model import ModelFamily, family
-from megatrain.parallel.dims import World, all_gather_object, barrier
-from megatrain.parallel.zero import gathered_params
+from megatrain.export import checkpoint_export, hf_weights_due
+from megatrain.model import family
+from megatrain.parallel.dims import World
+from megatrain.parallel.host import all_gather_object, barrier
+from megatrain.resume_policy import Change, announce_changes, check_layout, resume_changes
 from megatrain.run_dir import RunDir
 
 CONFIG_NAME = "config.yaml"
 """The resolved config inside a checkpoint folder (the run folder's own copy: RunDir.config)."""
 CHECKSUMS = "checksums.json"
 UNIVERSAL = "universal"
-"""Written into a checkpoint after it was saved (Checkpointer.prepare_resume): not in its checksums."""
+"""Written into a checkpoint after it was saved, for a resume onto another layout (layout_conversion.py);
+not in the checkpoint's checksums but in its own universal/checksums.json."""
 
 
 def checkpoint_files(step_dir: Path) -> list[str]:
@@ -68,6 +74,9 @@ def sha256_of(names: list[str], step_dir: Path, world: World | None) -> dict[str
             mine[name] = hashlib.file_digest(f, "sha256").hexdigest()
     return {k: v for part in (all_gather_object(mine) if world else [mine]) for k, v in part.items()}
 
+
+RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+"""DeepSpeed's scripts that join a checkpoint's ZeRO shards into whole fp32 weights (Checkpointer._take_recovery_scripts)."""
 
 WRITE_ERRORS = (OSError, RuntimeError)
 """What a failed write raises: OSError from Python's files; from torch.save's C++ writer on a full disk
@@ -161,22 +170,20 @@ def saved_config(ckpt_dir: Path) -> dict:
     return yaml.safe_load(saved_path.read_text()) or {}
 
 
-def check_compatible(ckpt_dir: Path, cfg: Config) -> None:
-    """Refuse, before touching the engine, a checkpoint whose parameter shapes differ from cfg.model."""
-    saved = {"family": "llama", **saved_config(ckpt_dir).get("model", {})}  # written before families existed
-    ours = to_dict(cfg)["model"]
+def check_resume(ckpt_dir: Path, cfg: Config, world_size: int, tokenizer_path: Path | None = None,
+                 announce: bool = False) -> list[Change]:
+    """Refuse, before touching the engine, a resume that megatrain/resume_policy.py refuses; the changes it
+    accepts.
 
-    def value(values: dict, dotted: str):  # shape fields may sit in a subsection: moe.num_experts
-        for key in dotted.split("."):
-            values = values.get(key) if isinstance(values, dict) else None
-        return values
-
-    fields = ("family", *family(cfg.model.family).shape_fields)
-    diffs = [f"model.{k}: checkpoint {value(saved, k)!r}, config {value(ours, k)!r}" for k in fields
-             if value(saved, k) != value(ours, k)]
-    if diffs:
-        raise CheckpointError(f"checkpoint {ckpt_dir} has another model shape ({'; '.join(diffs)}); "
-                              "resume with the config it was written with, or start a new run.dir")
+    Args:
+        tokenizer_path: the data's tokenizer, compared with the one in the checkpoint's hf/ (None: not).
+        announce: print each accepted change (resume_policy.announce); rank 0 of the run does.
+    """
+    changes = resume_changes(saved_config(ckpt_dir), saved_layout(ckpt_dir), cfg, world_size, ckpt_dir,
+                             tokenizer_path)
+    if announce:
+        announce_changes(changes)
+    return changes
 
 
 def saved_layout(ckpt_dir: Path) -> tuple[int | None, int, int]:
@@ -185,35 +192,10 @@ def saved_layout(ckpt_dir: Path) -> tuple[int | None, int, int]:
     return trainer.get("world_size"), trainer.get("tp_degree", 1), trainer.get("ep_degree", 1)
 
 
-def check_elastic(ckpt_dir: Path, cfg: Config, world_size: int) -> None:
-    """Refuse, before anything starts, a resume onto another layout that would not load or not be exact.
-
-    Another number of ranks or another tp_degree loads through DeepSpeed's universal checkpoint
-    (Checkpointer.prepare_resume); measured exact with ZeRO 1 and 2, TP 2 -> 1, 1 -> 2 and DP 1 -> 2
-    under TP 2 (tests/test_tensor_parallel.py).
-    """
-    saved, saved_tp, saved_ep = saved_layout(ckpt_dir)
-    tp, stage = cfg.parallel.tp_degree, cfg.parallel.zero_stage
-    expert_files = family(cfg.model.family).expert_parallel
-    if expert_files and (saved not in (None, world_size) or saved_ep != cfg.parallel.ep_degree):
-        # DeepSpeed writes one file per expert and the optimizer state per expert-parallel rank; its
-        # universal-checkpoint converter fails on them (0.19.8, measured: ds_to_universal stops in
-        # _merge_zero_shards with "shape '[128, 64]' is invalid" for an expert's weight).
-        raise CheckpointError(f"{ckpt_dir} was written by {saved} ranks with parallel.ep_degree={saved_ep}; an MoE "
-                              f"checkpoint resumes only on the same layout: {saved} ranks with "
-                              f"--parallel.ep_degree={saved_ep}")
-    if saved_tp != tp and stage in (0, 3):
-        # ZeRO-0 keeps each TP rank's slice in its own model file, with no ZeRO state to convert;
-        # ZeRO-3 through the universal checkpoint is not exact (below).
-        raise CheckpointError(f"{ckpt_dir} was written with parallel.tp_degree={saved_tp}; with ZeRO-{stage} it "
-                              f"cannot be resumed at tp_degree={tp}. Resume with --parallel.tp_degree={saved_tp}, "
-                              "or with zero_stage 1 or 2 (which convert between layouts exactly)")
-    if saved not in (None, world_size) and stage == 3:
-        # Measured with DeepSpeed 0.19.8: ZeRO-3 through the universal checkpoint loads, but the first
-        # optimizer step after it differs (loss 4.1722 instead of 4.1614 two steps later).
-        raise CheckpointError(f"{ckpt_dir} was written by {saved} ranks with ZeRO-3; resuming it on {world_size} "
-                              "ranks would not restore ZeRO-3's optimizer state exactly. Resume on "
-                              f"{saved} ranks, or train with parallel.zero_stage 1 or 2 to change the rank count")
+def check_elastic(ckpt_dir: Path, cfg: Config, world_size: int) -> list[Change]:
+    """Refuse a resume onto another layout that would not load or not be exact (resume_policy.check_layout,
+    part of check_resume); the layout changes accepted."""
+    return check_layout(*saved_layout(ckpt_dir), cfg, world_size, ckpt_dir)
 
 
 def rng_state() -> dict:
@@ -277,43 +259,34 @@ def check_pickles(step_dir: Path, world: World | None = None) -> None:
     problem = None
     with torch.serialization.safe_globals(deepspeed_pickle_types()):
         for path in my_share(files, world):
-            try:
-                torch.load(path, weights_only=True, mmap=True, map_location="cpu")
-            except pickle.UnpicklingError as error:
-                found = re.search(r"GLOBAL ([\w.]+)", str(error))
-                problem = (f"{path} holds a pickled {found.group(1) if found else 'object'}, which megatrain does not "
-                           "unpickle (DeepSpeed would run it); remove that checkpoint folder or restore it from a copy "
-                           "you trust")
+            problem = pickle_problem(path)
+            if problem:
                 break
+    # Every rank gets here whatever its files held, so all raise the same error (exit 2): one rank's
+    # failure must not leave the others waiting in a collective until they take it for lost (exit 3).
     problem = agree(problem) if world else problem
     if problem:
         raise CheckpointError(problem)
 
 
-def export_hf(engine, model_family: ModelFamily, out_dir: Path, world: World, tokenizer_path: Path) -> None:
-    """Write the whole, unsharded model as an HF folder from rank 0; every rank helps gather it."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a "Writing model shards" bar per checkpoint says nothing in a log
-    if world.tp > 1:
-        # Joins the TP slices (and ZeRO-3 partitions) on rank 0, under the HF names; None elsewhere.
-        state = engine._consolidated_16bit_state_dict()
-        if world.is_main:
-            model_family.save_hf(engine.module, out_dir, state)
-    else:
-        with gathered_params(engine.module):
-            state = model_family.hf_state_dict(engine.module)  # e.g. experts from every EP rank
-            if world.is_main:
-                model_family.save_hf(engine.module, out_dir, state)
-    if world.is_main:
-        if tokenizer_path.is_dir():  # a dataset's tokenizer/ folder (sentencepiece or HF files)
-            for file in sorted(tokenizer_path.iterdir()):
-                shutil.copyfile(file, out_dir / file.name)
-        else:
-            shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
-        if (out_dir / "tokenizer.model").is_file() and not (out_dir / "tokenizer_config.json").is_file():
-            config = hf_tokenizer_config(Tokenizer(out_dir / "tokenizer.model"), model_family.hf_tokenizer_class)
-            atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(config, indent=2))
+def pickle_problem(path: Path) -> str | None:
+    """Why DeepSpeed must not load `path` (see check_pickles), or None."""
+    then = "remove that checkpoint folder or restore it from a copy you trust"
+    if not zipfile.is_zipfile(path):
+        # torch.save writes zip archives. torch.load(weights_only=False) would unpickle a plain
+        # pickle.dump or torch's legacy format as it reads it, and fail on other bytes on this rank only.
+        return (f"{path} is not a file torch.save writes (not a zip archive: a plain or legacy pickle, a file cut "
+                f"short, or other bytes); {then}")
+    try:
+        torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        return (f"{path} holds a pickled {found.group(1) if found else 'object'}, which megatrain does not unpickle "
+                f"(DeepSpeed would run it); {then}")
+    except Exception as error:  # noqa: BLE001 -- whatever torch's reader refuses (RuntimeError from its zip reader)
+        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        return f"{path} is not readable as torch.save writes it ({reason}); {then}"
+    return None
 
 
 class Checkpointer:
@@ -331,8 +304,10 @@ class Checkpointer:
         every = self.cfg.checkpoint.interval
         return step == last_step or (every > 0 and step % every == 0)
 
-    def save(self, step: int, engine, data_state: dict) -> Path | None:
+    def save(self, step: int, engine, data_state: dict, last: bool = True) -> Path | None:
         """Checkpoint the engine at `step`, with the data position `data_state` (loader.state_dict()).
+        `last`: the last checkpoint this process writes (its final step, or a stop), which
+        checkpoint.hf_export=last gives an hf/ folder; the training loop passes False for the others.
 
         A save that fails (no room on the disk, an I/O error on any rank) leaves the previous checkpoint
         and `latest` as they were, removes what it wrote, and raises CheckpointError, or with
@@ -346,7 +321,7 @@ class Checkpointer:
         barrier()
         trainer_state = {"step": step, "world_size": self.world.world_size, "tp_degree": self.world.tp,
                          "ep_degree": self.world.ep, "data": data_state}
-        problem = agree(self._no_room()) or self._write(tmp, engine, trainer_state)
+        problem = agree(self._no_room()) or self._write(tmp, engine, trainer_state, last)
         if problem:
             return self._failed(step, tmp, problem)
         if self.world.is_main:
@@ -358,23 +333,27 @@ class Checkpointer:
         barrier()
         return final
 
-    def _write(self, tmp: Path, engine, trainer_state: dict) -> str | None:
+    def _write(self, tmp: Path, engine, trainer_state: dict, last: bool = True) -> str | None:
         """Write every file of the checkpoint into `tmp`; the first failure of any rank, or None.
 
         Every rank goes through the same collectives whatever fails where, so a full disk on one rank
         cannot leave the others waiting: DeepSpeed's save_checkpoint is (0.19.8) a barrier, this rank's
-        writes, a barrier; export_hf gathers before rank 0 writes.
+        writes, a barrier; the HF export gathers module by module on every rank and rank 0 raises a failed
+        write only once the walk is done (megatrain/export.py).
         """
         rank = self.world.rank
         error = self._attempt(lambda: engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=trainer_state,
                                                              save_latest=False))
+        if self.world.is_main:
+            error = self._attempt(lambda: self._take_recovery_scripts(tmp)) or error
         if error:
             barrier()  # the one that closes DeepSpeed's save, where the other ranks wait
         else:
             error = self._attempt(lambda: torch.save(rng_state(), tmp / f"rng_rank{rank}.pt"))
-        # On every rank, failed or not: export_hf's gathers are collectives.
-        export_error = self._attempt(lambda: export_hf(engine, family(self.cfg.model.family), tmp / "hf", self.world,
-                                                       self.tokenizer_path))
+        # On every rank, failed or not: the HF export's gathers are collectives (megatrain/export.py).
+        export_error = self._attempt(lambda: checkpoint_export(engine, family(self.cfg.model.family), tmp, self.world,
+                                                               self.tokenizer_path,
+                                                               hf_weights_due(self.cfg.checkpoint.hf_export, last)))
         error = error or export_error
         if error is None and self.world.is_main:
             error = self._attempt(lambda: (save_config(self.cfg, tmp / CONFIG_NAME, self.config_comment),
@@ -383,6 +362,22 @@ class Checkpointer:
         if error is None:
             error = agree(self._attempt(lambda: write_checksums(tmp, self.world)))
         return error
+
+    def _take_recovery_scripts(self, tmp: Path) -> None:
+        """Move DeepSpeed's zero_to_fp32.py and zero_to_torch.py from checkpoints/ into the checkpoint.
+
+        DeepSpeed 0.19.8 copies them into the folder save_checkpoint was given (checkpoints/, the
+        step folder's parent) on global rank 0 right after that rank's optimizer shard is written
+        (deepspeed/runtime/engine.py: _save_zero_checkpoint, lines 5566-5567, calls
+        _copy_recovery_script, lines 5530-5537). Left there, checkpoints/ would hold them or not after a
+        failed save depending on which rank's write failed first. Inside the step folder they are
+        checksummed, pruned and removed with it; rank 0's own save has returned here, so they are
+        either copied already or will not be.
+        """
+        for name in RECOVERY_SCRIPTS:
+            script = self.root / name
+            if script.is_file():
+                script.replace(tmp / name) if tmp.is_dir() else script.unlink()
 
     def _attempt(self, write: Callable[[], object]) -> str | None:
         """Run one write; what failed (naming this rank and the free space), or None."""
@@ -422,40 +417,10 @@ class Checkpointer:
         for _, path in self.run.step_dirs()[: -self.cfg.checkpoint.keep_last]:
             shutil.rmtree(path)
 
-    def prepare_resume(self, path: Path) -> bool:
-        """Before the engine exists: make the latest checkpoint loadable by this world size.
-
-        ZeRO partitions optimizer state by data-parallel rank and AutoTP by tensor-parallel rank, and
-        DeepSpeed refuses to load either into another layout. DeepSpeed's own answer is the universal checkpoint (one file per
-        parameter and state): rank 0 converts once into `step_<N>/universal/` (atomically), and the
-        engine is then built with checkpoint.load_universal.
-
-        Returns:
-            True if the engine must load a universal checkpoint.
-        """
-        saved, saved_tp, _ = saved_layout(path)
-        same_layout = saved in (None, self.world.world_size) and saved_tp == self.world.tp
-        if same_layout or self.cfg.parallel.zero_stage == 0:
-            return False  # stage 0 keeps whole optimizer state in the model file: it loads as it is
-        universal = path / UNIVERSAL
-        if self.world.is_main and not universal.is_dir():
-            tmp = path / ".tmp-universal"
-            shutil.rmtree(tmp, ignore_errors=True)
-            result = subprocess.run(
-                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
-                 "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
-                 "--num_merge_workers", "1"], capture_output=True, text=True)
-            if result.returncode != 0:
-                raise CheckpointError(f"converting {path} (written by {saved} ranks) for {self.world.world_size} "
-                                      f"ranks failed: {result.stderr.strip().splitlines()[-1:]}")
-            tmp.rename(universal)
-        barrier()
-        return True
-
     def load(self, engine, loader, path: Path) -> int:
         """Restore model, optimizer, scheduler, RNG and data position from `path` (pick_checkpoint's,
         checked by train.setup before the engine was built); returns the step reached."""
-        if engine.load_universal_checkpoint():  # another world size: see prepare_resume
+        if engine.load_universal_checkpoint():  # another layout: see layout_conversion.py
             load_path, client = engine.load_checkpoint(str(path), tag="universal")
             client = {**client, **json.loads((path / "trainer.json").read_text())}
         else:

@@ -1,4 +1,4 @@
-"""`megatrain train | eval | generate | submit | status`."""
+"""`megatrain train | eval | generate | export | submit | status`."""
 
 from __future__ import annotations
 
@@ -48,11 +48,13 @@ def _load(args):
     from megatrain.checkpoint import CONFIG_NAME, resolve
     from megatrain.config import load_config
     from megatrain.data.tokenizer import Tokenizer
+    from megatrain.export import require_hf
     from megatrain.model import family
     from megatrain.parallel.dims import device_type
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # stdout/stderr carry only the answer or the JSON
+    require_hf(args.checkpoint)
     path = resolve(args.checkpoint)
     cfg = load_config(path / CONFIG_NAME)
     placement = offload_placement(args.max_memory, args.offload_folder, device_type())
@@ -99,6 +101,15 @@ def _generate(args, overrides: list[str]) -> int:
         raise MegatrainError(f"generate takes no overrides, got {' '.join(overrides)}")
     cfg, model, tokenizer = _load(args)
     print(generate_answers(model, tokenizer, [args.question], cfg.eval.max_new_tokens, cfg.model.max_seq_len)[0])
+    return 0
+
+
+def _export(args, overrides: list[str]) -> int:
+    from megatrain.export import export_checkpoint, find_checkpoint
+
+    if overrides:
+        raise MegatrainError(f"export takes no overrides, got {' '.join(overrides)}")
+    print(export_checkpoint(find_checkpoint(args.run_dir, args.step), args.out, workers=args.workers))
     return 0
 
 
@@ -178,6 +189,15 @@ def parser() -> argparse.ArgumentParser:
                              help="where weights beyond --max-memory wait on disk (required without a GPU)")
     e.set_defaults(run=_eval)
     g.set_defaults(run=_generate)
+    x = sub.add_parser("export", help="write a checkpoint's model as a Hugging Face folder, on this one CPU process "
+                                      "(no ranks, no GPU), from DeepSpeed's files")
+    x.add_argument("run_dir", help="a run folder (its latest checkpoint, or --step), or checkpoints/step_<N>")
+    x.add_argument("--step", type=int, default=None, help="the checkpoint of this step (checkpoints/step_<N>)")
+    x.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    x.add_argument("--workers", type=int, default=1,
+                   help="processes of DeepSpeed's universal-checkpoint conversion (tensor-parallel checkpoints); "
+                        "each holds one rank's optimizer file in memory")
+    x.set_defaults(run=_export)
     _add_slurm_commands(sub)
     return p
 

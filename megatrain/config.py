@@ -220,6 +220,10 @@ class ParallelConfig:
     """Expert parallelism (model.family=moe, dropless_moe): each group of ep_degree consecutive data-parallel ranks
     splits every MoE layer's experts between them and exchanges tokens all-to-all; must divide both
     model.moe.num_experts and the data-parallel ranks."""
+    fp32_grad_reduce: bool = True
+    """Under bf16, accumulate gradients over micro-batches and reduce them across ranks in fp32, as
+    Megatron-LM (--accumulate-allreduce-grads-in-fp32) and LLEMMA's GPT-NeoX config do; false keeps
+    them in bf16 (half the gradient memory and traffic, ~3 significant digits per sum)."""
     collective_timeout_s: float = 600
     """How long any collective waits for a rank that died or hangs before the job fails (with a line
     naming the rank, exit code 3, for the scheduler to requeue; see docs/reliability.md). Longer than
@@ -236,9 +240,18 @@ class CheckpointConfig:
     """A save that fails (disk full, I/O error) leaves the previous checkpoint and `latest` intact, then:
     stop (one line, exit 2) | continue (a warning; the next checkpoint tries again)."""
 
+    hf_export: str = "last"
+    """Which checkpoints carry `hf/`, the whole model as a Hugging Face folder (streamed from the ranks
+    module by module, written by rank 0): every | last | never. `last`: the last checkpoint a process
+    writes, i.e. at the run's final step and at a stop (train.exit_interval, SIGTERM/SIGUSR2, the
+    non-finite guard), not the interval ones in between. Resume never reads hf/; `megatrain export RUN
+    --step N --out DIR` writes it from any checkpoint on one CPU process."""
+
     def __post_init__(self):
         if self.on_save_failure not in ("stop", "continue"):
             raise ConfigError(f"checkpoint.on_save_failure={self.on_save_failure!r}: use stop or continue")
+        if self.hf_export not in ("every", "last", "never"):
+            raise ConfigError(f"checkpoint.hf_export={self.hf_export!r}: use every, last or never")
 
 
 @dataclass

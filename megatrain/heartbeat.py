@@ -9,6 +9,12 @@ marks its note "failed", waits a few seconds for the other survivors to do the s
 ranks whose notes are not marked: those stopped. It then prints one line and exits with
 EXIT_RANK_LOST, which the local launcher and the SLURM job (scontrol requeue) turn into a restart
 from the latest checkpoint.
+
+On NCCL that exception only reaches Python with nccl_fault_env(): with torch's default
+(TORCH_NCCL_ASYNC_ERROR_HANDLING=3, SkipCleanUp) the watchdog thread rethrows the timeout and the
+process ends by SIGABRT with no Python frame run. The local launcher also counts a rank ended by
+SIGABRT or SIGKILL as lost (launch/local.py). docs/reliability.md, "NCCL: a hung or dead GPU rank",
+has the torch source this rests on.
 """
 
 from __future__ import annotations
@@ -18,15 +24,41 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from megatrain.files import atomic_write_text
 from megatrain.run_dir import RunDir
 
 EXIT_RANK_LOST = 3
 COLLECTIVE_FAILURES = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
-                       "Broken pipe", "Watchdog caught collective operation timeout", "NCCL communicator was aborted")
-"""What torch.distributed raises (gloo, NCCL) when a peer died or stopped answering."""
+                       "Broken pipe", "Watchdog caught collective operation timeout", "NCCL communicator was aborted",
+                       "remote process exited")
+"""What torch.distributed raises (gloo, NCCL) when a peer died or stopped answering. NCCL's: a work's
+timeout (WorkNCCL::checkTimeout), a collective on a communicator the watchdog aborted
+(NCCLComm::getNcclComm), and ncclRemoteError ("remote process exited or there was a network error")."""
+
+NCCL_ERROR_HANDLING_VARS = ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING",
+                            "TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT")
+"""torch's switches (and their old names) for what ProcessGroupNCCL does with a failed collective."""
+
+NCCL_CLEAN_UP_ONLY = "2"
+"""ErrorHandlingMode CleanUpOnly (ProcessGroupNCCL.hpp): abort the communicators, keep the process."""
+
+
+def nccl_fault_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables a rank needs, before its NCCL process groups exist, for a collective that timed
+    out or lost its peer to end in a Python exception (and so in exit_if_rank_lost) instead of SIGABRT.
+
+    TORCH_NCCL_ASYNC_ERROR_HANDLING=2 (CleanUpOnly): the watchdog thread still bounds every collective by
+    the group's timeout (parallel.collective_timeout_s), then aborts the communicators instead of
+    rethrowing in its own thread (which ends the process by std::terminate); the rank's next collective
+    raises "NCCL communicator was aborted". It costs nothing while collectives succeed, unlike
+    TORCH_NCCL_BLOCKING_WAIT=1 (every wait() holds the CPU until the GPU finishes, and no watchdog).
+    A user's own choice of either switch is kept: returns {} then. Gloo ignores these variables.
+    """
+    if any(name in environ for name in NCCL_ERROR_HANDLING_VARS):
+        return {}
+    return {"TORCH_NCCL_ASYNC_ERROR_HANDLING": NCCL_CLEAN_UP_ONLY}
 
 
 def is_collective_failure(error: BaseException) -> bool:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from megatrain.parallel.dims import World, all_reduce_sum
+from megatrain.parallel.dims import World
+from megatrain.parallel.host import all_reduce_sum
 from megatrain.run_dir import RunDir
 
 # Dense bf16 peak FLOP/s per device, from the vendors' datasheets (as torchtitan's get_peak_flops).
@@ -42,7 +43,7 @@ class Metrics:
         self.counters = counters  # e.g. the loader's per-source token counts, added to every line
         self.flops_per_token, self.peak = flops_per_token, peak
         self.source_names = list(source_names)
-        self._loss_sum, self._tokens, self._steps = 0.0, 0.0, 0
+        self._lm_sum, self._labels, self._extra_sum, self._tokens, self._steps = 0.0, 0.0, 0.0, 0.0, 0
         self._parts: dict[str, float] = {}  # the family's named figures (an MoE aux loss, ...), summed
         self._source_sums = [0.0] * (2 * len(self.source_names))  # loss sums, then label tokens
         self._t0 = time.perf_counter()
@@ -61,7 +62,9 @@ class Metrics:
 
     def step(self, step: int, result, lr: float, extra: dict | None = None) -> dict | None:
         """Count one optimizer step's StepResult; log a line every log.interval steps (or with `extra`)."""
-        self._loss_sum += result.loss
+        self._lm_sum += result.lm_loss_sum
+        self._labels += result.label_tokens
+        self._extra_sum += result.extra_loss
         self._tokens += result.tokens
         self._steps += 1
         for name, value in result.parts.items():
@@ -74,14 +77,20 @@ class Metrics:
         if step % self.log_interval and not extra:
             return None
         part_names = sorted(self._parts)  # the same on every rank: the family names them
-        loss_sum, token_sum, *sums = all_reduce_sum([self._loss_sum, self._tokens, *self._source_sums,
-                                                     *(self._parts[p] for p in part_names)])
+        lm_sum, labels, extra_sum, token_sum, *sums = all_reduce_sum([
+            self._lm_sum, self._labels, self._extra_sum, self._tokens, *self._source_sums,
+            *(self._parts[p] for p in part_names)])
         source_sums, part_sums = sums[: len(self._source_sums)], sums[len(self._source_sums):]
         elapsed = time.perf_counter() - self._t0
         token_sum /= self.world.tp  # the ranks of a tensor-parallel group train on the same tokens
-        record = {"step": step, "loss": loss_sum / (self._steps * self.world.world_size), "lr": lr,
+        # The objective (objective.py): every label token of the interval weighs the same, plus the
+        # family's extra terms averaged over steps and ranks. (TP ranks count their shared tokens alike.)
+        lm_loss = lm_sum / max(labels, 1.0)
+        record = {"step": step, "loss": lm_loss + extra_sum / (self._steps * self.world.world_size), "lr": lr,
                   "tokens_per_s": token_sum / elapsed, "restarts": self.restarts,
                   "train/skipped_steps": self.skipped_steps}
+        if any(name.startswith("loss_part/") for name in part_names):
+            record["loss_part/lm"] = lm_loss
         record.update({name: value / (self._steps * self.world.world_size)
                        for name, value in zip(part_names, part_sums)})
         if result.grad_norm is not None:  # the same on every rank: the norm is global
@@ -90,11 +99,15 @@ class Metrics:
         if n > 1:
             record.update({f"loss/{name}": source_sums[i] / source_sums[n + i]
                            for i, name in enumerate(self.source_names) if source_sums[n + i]})
+            # The tokens those means are over (the loss weighs them alike); TP ranks count theirs alike.
+            record.update({f"label_tokens/{name}": source_sums[n + i] / self.world.tp
+                           for i, name in enumerate(self.source_names)})
         if self.peak:
             record["mfu"] = self.flops_per_token * record["tokens_per_s"] / (self.peak * self.world.world_size)
         record.update(self.counters() if self.counters else {})
         record.update(extra or {})
-        self._loss_sum, self._tokens, self._steps, self._t0 = 0.0, 0.0, 0, time.perf_counter()
+        self._lm_sum, self._labels, self._extra_sum, self._tokens, self._steps = 0.0, 0.0, 0.0, 0.0, 0
+        self._t0 = time.perf_counter()
         self._parts = {}
         self._source_sums = [0.0] * (2 * n)
         self.write(record)

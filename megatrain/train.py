@@ -12,21 +12,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatrain import precision
-from megatrain.checkpoint import (Checkpointer, check_compatible, check_elastic, check_pickles, pick_checkpoint,
-                                  saved_config)
+from megatrain import objective, precision
+from megatrain.checkpoint import Checkpointer, check_pickles, check_resume, pick_checkpoint, saved_config
 from megatrain.config import Config, batch_plan, save_config, validate
-from megatrain.data.loader import IGNORE_INDEX
 from megatrain.data.training_data import TrainingData, open_data
 from megatrain.errors import CheckpointError, DataError, TrainingError
 from megatrain.eval import Evaluator
 from megatrain.guard import NonFiniteGuard, injected_nan
 from megatrain.heartbeat import Heartbeat
+from megatrain.layout_conversion import prepare_resume
 from megatrain.metrics import Metrics, peak_flops
 from megatrain.model import ModelFamily, family
 from megatrain.optim import build_optimizer, build_scheduler
 from megatrain.parallel import parallelize
-from megatrain.parallel.dims import BatchPlan, World, all_gather_object, all_reduce_sum, init_world, shutdown
+from megatrain.parallel.dims import BatchPlan, World, init_world, shutdown
+from megatrain.parallel.host import all_gather_object, all_reduce_sum
 from megatrain.parallel.launcher_env import export_rank_env
 from megatrain.parallel.zero import wrap
 from megatrain.plots import save_loss_plot
@@ -44,8 +44,7 @@ def preflight(cfg: Config, world_size: int, resume: bool) -> TrainingData:
     has_checkpoint = run.has_checkpoint()
     if resume and has_checkpoint:
         latest = pick_checkpoint(run)  # present and the sizes saved; setup() also checks the sha256 sums
-        check_compatible(latest, cfg)
-        check_elastic(latest, cfg, world_size)
+        check_resume(latest, cfg, world_size, data.tokenizer_path)  # what may change: megatrain/resume_policy.py
     if resume and not has_checkpoint:
         raise CheckpointError(f"--resume: no checkpoint in {run.checkpoints}; train without --resume first")
     if not resume and has_checkpoint:
@@ -82,20 +81,29 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class StepResult:
-    """What one optimizer step reports to the metrics."""
+    """What one optimizer step reports to the metrics (this rank's share; the metrics sum the ranks')."""
 
-    loss: float
-    """Mean loss over the step's micro-batches (each the model's own mean over its label tokens)."""
+    lm_loss_sum: float
+    """Summed token loss over this rank's label tokens (the objective, objective.py, before scaling)."""
+    label_tokens: int
+    """Label tokens on this rank: those the loss is computed on."""
     tokens: int
     """Real (unpadded) tokens this rank trained on."""
     source_loss: list[float]
     """Per data source (the loader's source_names): summed token loss and, below, label tokens."""
     source_tokens: list[float]
+    extra_loss: float = 0.0
+    """The family's additions to the objective (ModelOutput.extra_loss), averaged over the micro-batches."""
     parts: dict[str, float] = dataclasses.field(default_factory=dict)
     """The family's named figures (ModelOutput.parts: loss terms, MoE expert load), averaged over the
     micro-batches."""
     grad_norm: float | None = None
     """Global gradient norm before clipping, as DeepSpeed computed it (None where it computes none)."""
+
+    @property
+    def loss(self) -> float:
+        """This rank's objective: its token-mean loss plus the family's extra terms."""
+        return self.lm_loss_sum / max(self.label_tokens, 1) + self.extra_loss
 
 
 def fetch(loader, accumulation: int) -> tuple[list[dict], str | None]:
@@ -111,53 +119,59 @@ def fetch(loader, accumulation: int) -> tuple[list[dict], str | None]:
     return batches, None
 
 
-@torch.no_grad()
-def loss_by_source(logits: torch.Tensor, labels: torch.Tensor, source: torch.Tensor,
-                   num_sources: int, split_vocab: bool = False,
-                   shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed token loss and label-token count per source, from a batch's logits (B, T, V); with
-    split_vocab, V is this tensor-parallel rank's slice of the vocabulary. shift: a decoder's position
-    t predicts label t+1 (causal LM); a seq2seq decoder's logits line up with its labels."""
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    token_loss = parallelize.token_cross_entropy(logits.float(), labels, IGNORE_INDEX, split_vocab)  # (B, T')
-    counted = (labels != IGNORE_INDEX).float()
-    zeros = torch.zeros(num_sources, dtype=torch.float64)
-    return (zeros.index_add(0, source, (token_loss * counted).sum(1).double().cpu()),
-            zeros.index_add(0, source, counted.sum(1).double().cpu()))
-
-
 def train_step(engine, batches: list[dict], num_sources: int, model_family: ModelFamily,
-               poison: bool = False) -> StepResult:
+               loss_scale: float | None = None, poison: bool = False) -> StepResult:
     """One optimizer step over the micro-batches given; DeepSpeed steps on the last one.
-    poison: make the first micro-batch's loss NaN (fault injection, guard.py)."""
-    loss_sum, tokens, parts = 0.0, 0, {}
-    source_loss = torch.zeros(num_sources, dtype=torch.float64)
-    source_tokens = torch.zeros(num_sources, dtype=torch.float64)
+
+    Args:
+        loss_scale: objective.step_scale of the step's label tokens over every rank; None: this rank's
+            micro-batches make the whole step (benchmarks, single-rank callers).
+        poison: make the first micro-batch's loss NaN (fault injection, guard.py).
+
+    What the step reports stays on the device until one transfer at its end (a sync per micro-batch
+    would stall the GPU's queue every time).
+    """
+    task, device = model_family.task, engine.device
+    counts = [objective.label_counts(b["labels"], task) for b in batches]  # host tensors: no sync
+    label_tokens = int(sum(c.sum() for c in counts))
+    if loss_scale is None:  # this rank's rows are the step: the token mean over them
+        loss_scale = objective.step_scale(label_tokens, len(batches), 1)
     split_vocab = parallelize.vocab_parallel(engine.module)
-    for batch in batches:
-        real = batch.pop("real_tokens")
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # summed token loss, summed extra loss
+    source_loss = torch.zeros(num_sources, dtype=torch.float64, device=device)
+    source_tokens = torch.zeros(num_sources, dtype=torch.float64)
+    parts: dict[str, torch.Tensor] = {}
+    tokens = 0
+    for batch, count in zip(batches, counts):
+        tokens += int(batch.pop("real_tokens").sum())
         source = batch.pop("source", None)
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         out = model_family.forward(engine, batch)
+        token_loss = objective.token_loss(out.logits, batch["labels"], task, split_vocab)  # (B, T) fp32
+        extra = torch.as_tensor(out.extra_loss if out.extra_loss is not None else 0.0, device=device)
+        loss = token_loss.sum() * loss_scale + extra  # see objective.py
         if poison:
-            out.loss, poison = out.loss * float("nan"), False
-        engine.backward(out.loss)
+            loss, poison = loss * float("nan"), False
+        engine.backward(loss)
         engine.step()
-        loss_sum += out.loss.item()
-        if out.parts:  # one device-to-host copy for all of them
-            values = torch.stack([v.float().reshape(()) for v in out.parts.values()]).tolist()
-            for name, value in zip(out.parts, values):
-                parts[name] = parts.get(name, 0.0) + value / len(batches)
-        tokens += int(real.sum())
+        row_loss = token_loss.detach().sum(1).double()  # (B,): summed in fp64 from here on, as the sources are
+        sums += torch.stack([row_loss.sum(), extra.detach().double()])
+        for name, value in out.parts.items():
+            parts[name] = parts.get(name, 0.0) + torch.as_tensor(value, device=device).detach().double().reshape(())
         if source is not None:
-            by_source = loss_by_source(out.logits.detach(), batch["labels"], source, num_sources, split_vocab,
-                                       shift=model_family.task == "causal_lm")
-            source_loss += by_source[0]
-            source_tokens += by_source[1]
+            source_loss.index_add_(0, source.to(device), row_loss)
+            source_tokens.index_add_(0, source, count.double())
     norm = engine.get_global_grad_norm()
-    norm = float(norm) if norm is not None else None
-    return StepResult(loss_sum / len(batches), tokens, source_loss.tolist(), source_tokens.tolist(), parts, norm)
+    norm_on_device = isinstance(norm, torch.Tensor)
+    values = [sums, source_loss, *(v.reshape(1) for v in parts.values())]
+    if norm_on_device:
+        values.append(norm.detach().double().reshape(1).to(device))
+    host = torch.cat(values).tolist()  # the step's one device-to-host transfer
+    lm_loss_sum, extra_sum = host[:2]
+    part_values = host[2 + num_sources: 2 + num_sources + len(parts)]
+    grad_norm = host[-1] if norm_on_device else (float(norm) if norm is not None else None)
+    return StepResult(lm_loss_sum, label_tokens, tokens, host[2: 2 + num_sources], source_tokens.tolist(),
+                      extra_sum / len(batches), {n: v / len(batches) for n, v in zip(parts, part_values)}, grad_norm)
 
 
 def row_sources(batches: list[dict]) -> list[int]:
@@ -183,14 +197,16 @@ def was_skipped(s: Session, step: int, result: StepResult, position: dict, sourc
     return True
 
 
-def stop_or_fail(stop: StopRequest, data_error: str | None) -> tuple[bool, str | None]:
-    """One collective per step: (any rank asked to stop, the first rank's DataLoader failure)."""
-    stop_votes, failures = all_reduce_sum([1.0 if stop.signal_name else 0.0, 1.0 if data_error else 0.0])
+def stop_or_fail(stop: StopRequest, data_error: str | None, label_tokens: int) -> tuple[bool, str | None, float]:
+    """One collective per step: (any rank asked to stop, the first rank's DataLoader failure, the sum of
+    every rank's label tokens for the step, which the objective divides by)."""
+    stop_votes, failures, all_labels = all_reduce_sum([1.0 if stop.signal_name else 0.0, 1.0 if data_error else 0.0,
+                                                       float(label_tokens)])
     if not failures:
-        return stop_votes > 0, None
+        return stop_votes > 0, None, all_labels
     errors = all_gather_object(data_error)
     rank = next(r for r, e in enumerate(errors) if e)
-    return True, f"rank {rank}: {errors[rank]}"
+    return True, f"rank {rank}: {errors[rank]}", all_labels
 
 
 @dataclass
@@ -224,8 +240,8 @@ def setup(cfg: Config, resume: bool) -> Session:
     resume_from = pick_checkpoint(run, world) if resume else None  # sha256-checked
     if resume_from is not None:
         check_pickles(resume_from, world)  # before anything unpickles it (DeepSpeed, ds_to_universal)
-        check_compatible(resume_from, cfg)  # an older checkpoint than preflight's, after a damaged one
-        check_elastic(resume_from, cfg, world.world_size)
+        # Again (an older checkpoint than preflight's, after a damaged one); rank 0 says what changes.
+        check_resume(resume_from, cfg, world.world_size, data.tokenizer_path, announce=world.is_main)
     cfg, precision_note = resolve_precision(cfg, world, resume_from)
     if cfg.data.verify:
         data.verify(world)
@@ -241,7 +257,7 @@ def setup(cfg: Config, resume: bool) -> Session:
     flops = model_family.flops_per_token(cfg.model, model)  # of the whole model (AutoTP splits it later)
     optimizer = build_optimizer(model_family.param_groups(model, cfg.optim.weight_decay), cfg)
     checkpointer = Checkpointer(cfg, world, data.tokenizer_path, precision_note)
-    universal = resume and checkpointer.prepare_resume(resume_from)  # resuming onto another layout
+    universal = resume and prepare_resume(resume_from, cfg, world)  # onto another layout: a collective
     engine = wrap(model, optimizer, build_scheduler(optimizer, cfg), cfg, world.dims, universal)
     plan = batch_plan(cfg, world.dims)
     loader = data.loader(world, plan)
@@ -299,15 +315,18 @@ def train(cfg: Config, resume: bool = False, stop: StopRequest | None = None) ->
         for step in range(s.start + 1, last + 1):
             position = copy.deepcopy(s.loader.state_dict())  # where the data stands after step - 1
             batches, data_error = fetch(s.loader, s.plan.accumulation)
-            stopping, failure = stop_or_fail(stop, data_error)
+            stopping, failure, all_labels = stop_or_fail(stop, data_error,
+                                                         objective.label_tokens(batches, s.family.task))
             if stopping:
                 return stop_at_boundary(s, step - 1, saved, position, failure, stop.signal_name)
             sources = row_sources(batches)  # read before train_step takes the batches apart
-            result = train_step(s.engine, batches, len(s.loader.source_names), s.family,
+            # The ranks of a tensor-parallel group read the same rows: count them once.
+            scale = objective.step_scale(all_labels / s.world.tp, s.plan.accumulation, s.plan.dp)
+            result = train_step(s.engine, batches, len(s.loader.source_names), s.family, scale,
                                 poison=injected_nan(step, s.world.rank))
             if not was_skipped(s, step, result, position, sources):
                 s.metrics.step(step, result, s.engine.get_lr()[0], s.evaluator.maybe_run(step))
-            if s.checkpointer.due(step, last) and s.checkpointer.save(step, s.engine, s.loader.state_dict()):
+            if s.checkpointer.due(step, last) and s.checkpointer.save(step, s.engine, s.loader.state_dict(), step == last):
                 saved = step
             s.heartbeat.beat(step)
     finally:

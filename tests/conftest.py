@@ -145,3 +145,19 @@ def mix_data(debian_corpus, dm_data, tmp_path_factory):
         build_dataset([spec], tokenizer, datasets[name], seq_len=128, rows_per_block=16, workers=1,
                       shard_mb=0.25, progress=False)
     return {"datasets": datasets, "tokenizer": tokenizer}
+
+
+MODULES = ["algebra__linear_1d", "numbers__place_value"]
+
+
+@pytest.fixture(scope="session")
+def mm_data(tmp_path_factory):
+    """Two real modules generated and sharded by `megatrain-data` as a user runs it."""
+    root = tmp_path_factory.mktemp("modules")
+    cli = [sys.executable, "-m", "data_tools.cli", "deepmind"]
+    subprocess.run([*cli, "generate", "--module", ",".join(MODULES), "--train", "900", "--test", "40", "--seed", "5",
+                    "--out", str(root / "released")], check=True, capture_output=True, cwd=REPO)
+    subprocess.run([*cli, "shards", "--released", str(root / "released"), "--module", ",".join(MODULES),
+                    "--out", str(root / "shards"), "--samples-per-shard", "512", "--block-size", "128"],
+                   check=True, capture_output=True, cwd=REPO)
+    return {"released": root / "released", "shards": root / "shards", "root": root}

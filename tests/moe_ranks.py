@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
+from megatrain import objective
 from megatrain.config import load_config
 from megatrain.model.moe import switch_layers
+from megatrain.parallel.host import all_reduce_sum
 from megatrain.parallel.zero import gathered_params
 from megatrain.train import fetch, setup, train_step
 
@@ -35,7 +37,10 @@ out, config, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 s = setup(load_config(config, overrides), resume=False)
 for _ in range(s.cfg.train.steps):
     batches, _ = fetch(s.loader, s.plan.accumulation)
-    train_step(s.engine, batches, len(s.loader.source_names), s.family)
+    # As train()'s loop: the loss is the mean over every rank's label tokens (objective.py).
+    all_labels = all_reduce_sum([objective.label_tokens(batches, s.family.task)])[0] / s.world.tp
+    train_step(s.engine, batches, len(s.loader.source_names), s.family,
+               objective.step_scale(all_labels, s.plan.accumulation, s.plan.dp))
 model = s.engine.module.eval()
 with torch.no_grad():
     ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))

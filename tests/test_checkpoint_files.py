@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 
 import numpy as np
+import pytest
 import torch
 
-from megatrain.checkpoint import CHECKSUMS, load_rng_file, rng_state, set_rng_state, sha256_of
+from megatrain.checkpoint import CHECKSUMS, check_pickles, load_rng_file, rng_state, set_rng_state, sha256_of
+from megatrain.errors import CheckpointError
 
 
 def draws():
@@ -69,3 +72,26 @@ def test_state_files_are_readable_as_the_umask_allows(reference_run):
     for path in (reference_run / "config.yaml", reference_run / "eval.json", reference_run / "checkpoints" / "latest",
                  reference_run / "checkpoints" / latest / CHECKSUMS):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+@pytest.mark.parametrize("kind", ["pickle_dump", "legacy_torch_save", "truncated_zip", "random_bytes", "empty"])
+def test_a_pt_file_that_torch_save_did_not_write_is_a_checkpoint_error(tmp_path, kind):
+    """Refused by name (the CLI's one line, exit 2), never torch's own RuntimeError from its reader."""
+    marker = tmp_path / "pwned"
+    whole = tmp_path / "whole.pt"
+    torch.save({"w": torch.ones(64)}, whole)
+    bad = tmp_path / "step" / "mp_rank_00_model_states.pt"
+    bad.parent.mkdir()
+    if kind == "pickle_dump":
+        bad.write_bytes(pickle.dumps({"x": Payload(marker)}))
+    elif kind == "legacy_torch_save":
+        torch.save({"w": torch.ones(64)}, bad, _use_new_zipfile_serialization=False)
+    elif kind == "truncated_zip":
+        bad.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    elif kind == "random_bytes":
+        bad.write_bytes(random.Random(0).randbytes(whole.stat().st_size))
+    else:
+        bad.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=rf"^{bad} is not a file torch.save writes \(not a zip archive"):
+        check_pickles(bad.parent)
+    assert not marker.exists()

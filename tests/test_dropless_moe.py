@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import SMOKE, losses
-from megatrain.model.dropless_moe import routing_losses
+from megatrain.model.moe import routing_losses
 from test_bad_input import assert_one_clear_line, tree_digest
 from test_moe import dump_ranks, records
 from test_train import assert_same_trajectory

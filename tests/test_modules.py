@@ -4,32 +4,15 @@ global batch, loss and exact match reported per module, loss curves and examples
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SMOKE, run_megatrain
+from conftest import MODULES, SMOKE, run_megatrain
 from megatrain.data.loader import QAOrder, QALoader
 from megatrain.data.shards import ShardSet
-
-MODULES = ["algebra__linear_1d", "numbers__place_value"]
-
-
-@pytest.fixture(scope="session")
-def mm_data(tmp_path_factory):
-    """Two real modules generated and sharded by `megatrain-data` as a user runs it."""
-    root = tmp_path_factory.mktemp("modules")
-    cli = [sys.executable, "-m", "data_tools.cli", "deepmind"]
-    subprocess.run([*cli, "generate", "--module", ",".join(MODULES), "--train", "900", "--test", "40", "--seed", "5",
-                    "--out", str(root / "released")], check=True, capture_output=True, cwd=REPO)
-    subprocess.run([*cli, "shards", "--released", str(root / "released"), "--module", ",".join(MODULES),
-                    "--out", str(root / "shards"), "--samples-per-shard", "512", "--block-size", "128"],
-                   check=True, capture_output=True, cwd=REPO)
-    return {"released": root / "released", "shards": root / "shards", "root": root}
 
 
 def test_modules_generated_together_equal_each_generated_alone(mm_data, tmp_path):

@@ -249,3 +249,51 @@ def test_fewer_tokens_than_the_minimum_capacity():
     with torch.no_grad():
         full = layer(x)
         torch.testing.assert_close(layer(x[:, :2]), full[:, :2], rtol=0, atol=1e-6)
+
+
+def test_padding_moves_no_loss_gradient_or_expert_load():
+    """Pads are not routed: adding pad columns or a pad row to a micro-batch leaves the loss, every
+    parameter's gradient and the expert load as they were (capacity counts the micro-batch's token
+    budget, the aux/z-losses and the load count real tokens only)."""
+    from megatrain import objective
+    from megatrain.config import Config, TrainConfig
+    from megatrain.data.loader import IGNORE_INDEX
+    from megatrain.parallel.dims import ParallelDims
+
+    torch.manual_seed(0)
+    cfg = Config(model=ModelConfig(family="moe", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                                   max_seq_len=12, moe=MoEConfig(num_experts=4, capacity_factor=1.0, jitter=False)),
+                 train=TrainConfig(micro_batch_size=3, global_batch_size=3))
+    moe = family("moe")
+    model = moe.shard_experts(moe.build(cfg.model, TokenIds(64, 0, 1, 2)), cfg, ParallelDims(1), 0).train()
+    lengths, width = (12, 7, 4), 12
+    ids = torch.randint(3, 64, (3, width))
+    mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
+    labels = torch.where(mask.bool() & (torch.arange(width) >= 2), ids, IGNORE_INDEX)
+    ids = ids * mask  # pad id 0
+
+    def padded(columns: int, rows: int) -> dict:
+        pad = lambda t, value: torch.nn.functional.pad(t, (0, columns, 0, rows), value=value)  # noqa: E731
+        return {"input_ids": pad(ids, 0), "attention_mask": pad(mask, 0), "labels": pad(labels, IGNORE_INDEX)}
+
+    def step(batch: dict):
+        model.zero_grad()
+        out = moe.forward(model, batch)
+        token_loss = objective.token_loss(out.logits, batch["labels"], "causal_lm", split_vocab=False)
+        loss = token_loss.sum() / objective.label_counts(batch["labels"], "causal_lm").sum() + out.extra_loss
+        loss.backward()
+        load = {k: v for k, v in out.parts.items() if "load" in k or "dropped" in k}
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, load
+
+    want_loss, want_grads, want_load = step(padded(0, 0))
+    assert want_load["moe/layer1/dropped"] > 0  # capacity 1.0 bites: the test covers who is dropped
+    for columns, rows in ((5, 0), (0, 2), (3, 1)):
+        loss, grads, load = step(padded(columns, rows))
+        # The same real tokens take the same fp32 path; only reductions over a longer buffer may reorder
+        # sums (ULP level).
+        torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0)
+        assert grads.keys() == want_grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, want_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+        for name, value in load.items():
+            torch.testing.assert_close(value, want_load[name], rtol=0, atol=0, msg=name)

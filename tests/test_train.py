@@ -98,7 +98,7 @@ def test_resume_continues_exactly(train_smoke, reference_run, tmp_path):
 
 def test_sigkill_mid_training_resumes_from_last_complete_checkpoint(train_smoke, dm_data, tmp_path):
     common = ["--optim.schedule=constant", "--checkpoint.interval=2", "--checkpoint.keep_last=3",
-              "--eval.final_limit=0"]
+              "--eval.final_limit=0", "--checkpoint.hf_export=every"]  # a kill may land in an hf/ write too
     reference = tmp_path / "reference"
     train_smoke(reference, "--train.steps=10", *common)
 
@@ -130,7 +130,7 @@ def test_generate_and_eval_on_trained_checkpoint(reference_run):
     out = run_megatrain("generate", reference_run, "Solve 24 = 1601*c - 1605*c for c.")
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("\n") == 1  # one answer line (after 8 steps it may well be an empty answer)
-    out = run_megatrain("eval", reference_run / "checkpoints" / "step_4", "--limit", "8")
+    out = run_megatrain("eval", reference_run / "checkpoints" / "step_8", "--limit", "8")  # the one with hf/
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["n"] == 8

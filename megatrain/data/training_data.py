@@ -18,7 +18,8 @@ from megatrain.data.shards import ShardSet
 from megatrain.data.tokenizer import Tokenizer
 from megatrain.errors import DataError
 from megatrain.model import TokenIds, family
-from megatrain.parallel.dims import BatchPlan, World, all_gather_object
+from megatrain.parallel.dims import BatchPlan, World
+from megatrain.parallel.host import all_gather_object
 
 
 def _everyone(found: list) -> list:

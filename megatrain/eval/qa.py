@@ -21,9 +21,10 @@ from megatrain.config import Config
 from megatrain.data.loader import collate, collate_seq2seq, qa_example, seq2seq_example
 from megatrain.data.released import read_split
 from megatrain.data.tokenizer import Tokenizer
-from megatrain.parallel.dims import World, all_reduce_sum
+from megatrain.parallel.dims import World
+from megatrain.parallel.host import all_gather_object, all_reduce_sum
 from megatrain.parallel.parallelize import whole_logits
-from megatrain.parallel.zero import gathered_params
+from megatrain.parallel.zero import partitioned
 
 HEADLINE = ("exact_match", "numeric_match", "teacher_forced_exact_match")
 
@@ -58,9 +59,13 @@ def summarize(counts: dict[str, list[float]]) -> dict:
 
 @torch.no_grad()
 def generate_answers(model, tokenizer: Tokenizer, questions: list[str], max_new_tokens: int,
-                     max_seq_len: int) -> list[str]:
+                     max_seq_len: int, synced: bool = False) -> list[str]:
     """Greedy answers for a batch of questions: a decoder continues `<bos> question <sep>` (left-padded so
-    every row generates from its end); an encoder-decoder reads `question <eos>` and writes the answer."""
+    every row generates from its end); an encoder-decoder reads `question <eos>` and writes the answer.
+
+    synced: every rank of the world calls this together and each goes on running forward passes until
+    all have finished (transformers' synced_gpus), as ZeRO-3 needs: each forward gathers every layer's
+    partitions from the other ranks."""
     device = input_device(model)
     if model.config.is_encoder_decoder:
         no_answer = np.zeros(0, dtype=np.int64)
@@ -69,7 +74,8 @@ def generate_answers(model, tokenizer: Tokenizer, questions: list[str], max_new_
         batch = collate_seq2seq(examples, tokenizer.pad_id)
         out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                              max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_id,
-                             pad_token_id=tokenizer.pad_id, decoder_start_token_id=model.config.decoder_start_token_id)
+                             pad_token_id=tokenizer.pad_id, decoder_start_token_id=model.config.decoder_start_token_id,
+                             synced_gpus=synced)
         return [_until_eos(tokenizer, row) for row in out[:, 1:].tolist()]  # after the decoder's start token
     prompts = [[tokenizer.bos_id, *tokenizer.encode(q)[-(max_seq_len - max_new_tokens - 2):], tokenizer.sep_id]
                for q in questions]
@@ -81,7 +87,7 @@ def generate_answers(model, tokenizer: Tokenizer, questions: list[str], max_new_
         attention_mask[row, width - len(prompt):] = 1
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                          max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_id,
-                         pad_token_id=tokenizer.pad_id)
+                         pad_token_id=tokenizer.pad_id, synced_gpus=synced)
     return [_until_eos(tokenizer, row) for row in out[:, width:].tolist()]
 
 
@@ -135,8 +141,11 @@ def evaluate(model, tokenizer: Tokenizer, problems: list[tuple[str, str, str]], 
              max_new_tokens: int, max_seq_len: int, examples: int = 0) -> dict:
     """Score (module, question, answer) problems; each rank takes a strided share, counts are summed.
 
-    Every rank must call this (the final sum is a collective). Under ZeRO-3 the parameters are
-    gathered for the duration so that ranks can generate different numbers of tokens.
+    Every rank must call this (the final sum is a collective). Under ZeRO-3 it decodes on the sharded
+    model: DeepSpeed gathers each layer's partitions as the layer runs (one layer at a time on the
+    device, never the whole model), which every rank must do together, so every rank runs the same
+    number of batches (padded with repeats whose answers are dropped) and generates until all ranks
+    are done (generate_answers' synced).
 
     Args:
         examples: keep this many (question, answer, gold) per module from rank 0's share, as
@@ -147,12 +156,21 @@ def evaluate(model, tokenizer: Tokenizer, problems: list[tuple[str, str, str]], 
     counts: dict[str, list[float]] = {m: [0.0] * 4 for m in sorted({p[0] for p in problems})}
     group, groups, leads = world.model_group  # the ranks of a TP or EP group decode their share together
     mine = problems[group::groups]
+    chunks = [mine[i: i + batch_size] for i in range(0, len(mine), batch_size)]
+    sharded = partitioned(model)
+    if sharded:  # ZeRO-3: the same number of forward passes on every rank (see above)
+        most = max(all_gather_object(len(chunks)))
+        chunks += [None] * (most - len(chunks))
     shown: dict[str, list[dict]] = {m: [] for m in counts} if examples and world.is_main else {}
-    with gathered_params(model), whole_logits(model):
-        for i in range(0, len(mine), batch_size):
-            chunk = mine[i: i + batch_size]
-            predictions = generate_answers(model, tokenizer, [q for _, q, _ in chunk], max_new_tokens, max_seq_len)
+    with whole_logits(model):
+        for chunk in chunks:
+            padding = chunk is None
+            chunk = problems[:batch_size] if padding else chunk
+            predictions = generate_answers(model, tokenizer, [q for _, q, _ in chunk], max_new_tokens, max_seq_len,
+                                           synced=sharded)
             forced = teacher_forced(model, tokenizer, [(q, a) for _, q, a in chunk], max_seq_len)
+            if padding:
+                continue
             for (module, _, gold), prediction, forced_ok in zip(chunk, predictions, forced):
                 exact, numeric = score(prediction, gold)
                 c = counts[module]

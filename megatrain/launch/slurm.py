@@ -29,16 +29,11 @@ from pathlib import Path
 import submitit
 import yaml
 
-from megatrain.config import Config, load_config, migrate, to_dict
+from megatrain.config import Config, load_config
 from megatrain.errors import ConfigError, MegatrainError
 from megatrain.heartbeat import exit_if_rank_lost
+from megatrain.resume_policy import config_changes, refuse
 from megatrain.run_dir import RunDir
-
-
-# Config keys a continued run may change: how long it trains and what it logs, not what it trains.
-# Mixture weights may change too: that starts a next data stage (the loader checks each dataset).
-CONTINUABLE = ("run.dir", "train.steps", "train.exit_interval", "data.num_workers", "data.verify", "log.",
-               "eval.", "checkpoint.", "data.sources.", "data.mixture_window", "data.on_bad_shard")
 
 
 @dataclass
@@ -181,20 +176,11 @@ def plan_runs(config: str, overrides: list[str], sweeps: list[str]) -> list[tupl
     return runs
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_run_folder(cfg: Config) -> None:
     """Refuse a run folder that another config wrote, or one whose run has finished.
 
-    The same config (up to CONTINUABLE keys) continues the run from its latest checkpoint.
+    The same config, up to what megatrain/resume_policy.py lets a resume change, continues the run from
+    its latest checkpoint (whose own config and layout preflight then checks).
     """
     run = RunDir(cfg.run.dir)
     if run.config.is_file():
@@ -205,17 +191,9 @@ def check_run_folder(cfg: Config) -> None:
 
 
 def _check_same_config(cfg: Config, saved_path: Path) -> None:
-    run_dir = saved_path.parent
-    saved = _flatten(migrate(yaml.safe_load(saved_path.read_text()) or {}, f" (in {saved_path})"))
-    ours = _flatten(to_dict(cfg))
-    if ours.get("precision") == "auto":  # the folder records what auto chose; auto keeps it on resume
-        ours["precision"] = saved.get("precision")
-    diffs = [f"{k}: folder {saved.get(k)!r}, config {v!r}" for k, v in ours.items()
-             if not k.startswith(CONTINUABLE) and saved.get(k) != v]
-    if diffs:
-        raise ConfigError(f"{run_dir} belongs to another config ({'; '.join(diffs[:3])}"
-                          f"{'; ...' if len(diffs) > 3 else ''}); submit that config to continue it, or set "
-                          "--run.dir to a new folder (nothing was submitted)")
+    changes = config_changes(yaml.safe_load(saved_path.read_text()) or {}, cfg, f" (in {saved_path})")
+    refuse(changes, f"{saved_path.parent} belongs to another config", "folder",
+           "submit that config to continue it, or set --run.dir to a new folder (nothing was submitted)", ConfigError)
 
 
 def partitions() -> tuple[list[str], str | None]:

@@ -29,13 +29,16 @@ class TokenIds:
 
 @dataclass
 class ModelOutput:
-    """One forward over a batch: the loss to backpropagate, its named parts, and the logits."""
+    """One forward over a training batch. The model computes no loss of its own: the trainer scores the
+    logits against the labels, weighing every label token of the optimizer step alike (objective.py)."""
 
-    loss: torch.Tensor
     logits: torch.Tensor
+    extra_loss: torch.Tensor | None = None
+    """What the family adds to the objective for this micro-batch, already weighted (an MoE's router
+    losses); averaged over the step's micro-batches and ranks, not weighted by tokens."""
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
     """Scalars worth logging under these names, averaged over micro-batches, steps and ranks: terms of
-    `loss` (an MoE's `loss_part/aux`) and figures of the forward (an expert's share of the tokens)."""
+    `extra_loss` (an MoE's `loss_part/aux`) and figures of the forward (an expert's share of the tokens)."""
 
 
 class ModelFamily:
@@ -70,11 +73,34 @@ class ModelFamily:
         (megatrain eval/generate --max-memory)."""
         raise NotImplementedError
 
+    def hf_modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """Submodules, by name, whose HF tensors are not their own state dict (an MoE layer whose experts sit
+        on several ranks): megatrain/export.py asks hf_module_tensors for those. Default: none."""
+        return {}
+
+    def hf_module_tensors(self, name: str, module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The HF tensors of one hf_modules entry, under full HF names, as host tensors, on rank 0; None on
+        the other ranks. Every rank calls it for each entry in the same order (it may gather across ranks),
+        with that module's own parameters whole (ZeRO-3 gathers them around the call)."""
+        raise NotImplementedError
+
     def hf_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-        """Called on every rank (within a ZeRO-3 gather): the whole model under HF names on rank 0 when
-        its own state dict is not that (an MoE's experts live on several ranks); None to save the
-        model's own tensors."""
-        return None
+        """The whole model under HF names, for a model whose parameters are whole on every rank (one process,
+        or ZeRO 0-2): rank 0 gets it, the others None; None everywhere when the model's own state dict is
+        already that (no hf_modules). A run's checkpoints stream instead (megatrain/export.py)."""
+        units = self.hf_modules(model)
+        if not units:
+            return None
+        import torch.distributed as dist
+
+        is_main = not dist.is_initialized() or dist.get_rank() == 0
+        state = ({k: v.detach() for k, v in model.state_dict().items() if not any(k.startswith(f"{n}.") for n in units)}
+                 if is_main else None)
+        for name, module in units.items():
+            part = self.hf_module_tensors(name, module)
+            if is_main:
+                state.update(part)
+        return state
 
     def save_hf(self, model: torch.nn.Module, out_dir: Path, state_dict: dict | None = None) -> None:
         """`model` as a `save_pretrained` folder; `state_dict` (whole, unsharded) replaces its own tensors."""
@@ -139,11 +165,20 @@ class ModelFamily:
             raise ConfigError(f"parallel.tp_degree={tp_degree}: model.family={self.name} has no tensor-parallel "
                               "plan; train it with parallel.tp_degree=1 (ZeRO shards it instead)")
 
+    def inputs(self, model: torch.nn.Module, batch: dict) -> dict:
+        """The model's keyword arguments for a training batch. The labels stay out (transformers would
+        compute a mean loss of its own from a second fp32 copy of the logits); a seq2seq decoder reads
+        them shifted right behind its start token, as transformers does when given labels. No KV cache
+        in training: it costs memory, and with one transformers ignores the position ids that reset
+        attention at document boundaries (find_packed_sequence_indices)."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if self.task == "seq2seq":
+            hf_model = getattr(model, "module", model)  # the DeepSpeed engine's module
+            inputs["decoder_input_ids"] = hf_model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+        return {**inputs, "use_cache": False}
+
     def forward(self, model: torch.nn.Module, batch: dict) -> ModelOutput:
-        # No KV cache in training: it costs memory, and with one transformers ignores the position
-        # ids that reset attention at document boundaries (find_packed_sequence_indices).
-        out = model(**batch, use_cache=False)
-        return ModelOutput(out.loss, out.logits)
+        return ModelOutput(model(**self.inputs(model, batch)).logits)
 
     def param_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict]:
         """Weight decay on matrices only, not on norms and biases (as nanoGPT)."""

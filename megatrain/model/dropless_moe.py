@@ -18,13 +18,12 @@ JSON section, and the HF export of experts that sit on several ranks.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers import Qwen3MoeForCausalLM
 
 from megatrain.errors import ConfigError
 from megatrain.model import ModelFamily, ModelOutput, TokenIds, num_params
 from megatrain.model.llama import flops_per_token
-from megatrain.model.moe import MoEFamily
+from megatrain.model.moe import MoEFamily, routing_losses
 
 
 def _allow_autoep_registry_lookups() -> None:
@@ -52,19 +51,6 @@ def _allow_autoep_registry_lookups() -> None:
             return super().get(key)
 
     registry.__class__ = Registry
-
-
-def routing_losses(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Switch's load-balancing loss, ST-MoE's z-loss and the expert load (share of first choices) of one
-    layer's router logits [tokens, experts], as DeepSpeed's top1gating/top2gating count them for
-    `model.family=moe`, so the two families log the same figures: aux = E * sum_e(share of first
-    choices on e * mean router probability of e), 1 at uniform load."""
-    logits = logits.float()
-    probs = logits.softmax(dim=-1)
-    first = F.one_hot(probs.argmax(dim=-1), logits.shape[-1]).float().mean(dim=0)
-    aux = logits.shape[-1] * (first * probs.mean(dim=0)).sum()
-    z = torch.logsumexp(logits, dim=-1).square().mean()
-    return aux, z, first.detach()
 
 
 class DroplessMoEFamily(MoEFamily):
@@ -101,33 +87,36 @@ class DroplessMoEFamily(MoEFamily):
             raise ConfigError(f"parallel.tp_degree={p.tp_degree}: model.family=dropless_moe is not tensor-parallel; "
                               "split it with parallel.ep_degree and ZeRO-3 instead")
 
-    def hf_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-        """The HF state dict on rank 0, each AutoEP layer's experts gathered from their EP ranks; None
-        elsewhere. Called within a ZeRO-3 gather (every rank holds its experts whole)."""
-        import torch.distributed as dist
+    def hf_modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """Each AutoEPMoELayer: its experts sit on the ranks of an EP group, its HF names are Qwen3-MoE's."""
         from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
 
-        distributed = dist.is_initialized() and dist.get_world_size() > 1
-        is_main = not distributed or dist.get_rank() == 0
-        layers = {name: m for name, m in model.named_modules() if isinstance(m, AutoEPMoELayer)}
-        state = ({k: v.detach().cpu() for k, v in model.state_dict().items()
-                  if not any(k.startswith(f"{name}.") for name in layers)} if is_main else None)
-        for name, layer in layers.items():
-            experts = layer.experts
-            first = layer.ep_rank * layer.num_local_experts
-            mine = {first + i: (torch.cat([experts.w1[i], experts.w3[i]]).detach().cpu(), experts.w2[i].detach().cpu())
-                    for i in range(layer.num_local_experts)}
-            if distributed:
-                everyone = [None] * dist.get_world_size() if is_main else None
-                dist.gather_object(mine, everyone, dst=0)
-                if is_main:
-                    mine = {e: rows for part in everyone for e, rows in part.items()}
-            if is_main:
-                ids = range(layer.num_experts)
-                state[f"{name}.gate.weight"] = layer.router.gate.weight.detach().cpu()
-                state[f"{name}.experts.gate_up_proj"] = torch.stack([mine[e][0] for e in ids])
-                state[f"{name}.experts.down_proj"] = torch.stack([mine[e][1] for e in ids])
-        return state
+        return {name: m for name, m in model.named_modules() if isinstance(m, AutoEPMoELayer)}
+
+    def hf_module_tensors(self, name: str, layer: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The layer as a Qwen3-MoE sparse block (router, fused experts) on rank 0; None elsewhere.
+
+        Every rank must call it, with the layer's parameters gathered (ZeRO-3 partitions them over the ranks
+        that hold the same experts). Only the first EP group's ranks (global ranks 0..ep_size-1: this family
+        has no TP) send their experts, host tensors pickled to rank 0, so rank 0 receives each expert once.
+        """
+        import torch.distributed as dist
+
+        from megatrain.parallel.host import gather_object
+
+        experts, first = layer.experts, layer.ep_rank * layer.num_local_experts
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        mine = ({first + i: (torch.cat([experts.w1[i], experts.w3[i]]).detach().cpu(),
+                             experts.w2[i].detach().to("cpu", copy=True)) for i in range(layer.num_local_experts)}
+                if rank < layer.ep_size else {})
+        everyone = gather_object(mine)
+        if everyone is None:
+            return None
+        rows = {e: pair for part in everyone for e, pair in part.items()}
+        ids = range(layer.num_experts)
+        return {f"{name}.gate.weight": layer.router.gate.weight.detach().to("cpu", copy=True),
+                f"{name}.experts.gate_up_proj": torch.stack([rows[e][0] for e in ids]),
+                f"{name}.experts.down_proj": torch.stack([rows[e][1] for e in ids])}
 
     def flops_per_token(self, cfg, model: torch.nn.Module) -> float:
         """From the active parameters: everything but the experts, plus top_k experts per MoE layer."""
@@ -138,19 +127,20 @@ class DroplessMoEFamily(MoEFamily):
     param_groups = ModelFamily.param_groups  # AutoEP tags its expert parameters inside deepspeed.initialize
 
     def forward(self, model: torch.nn.Module, batch: dict) -> ModelOutput:
-        out = model(**batch, use_cache=False, output_router_logits=True)
+        # HF's own (all-layer) balance term is left out: ours is per layer, as model.family=moe's.
+        out = model(**self.inputs(model, batch), output_router_logits=True)
         config = getattr(model, "module", model).config
         moe_layers = [i for i in range(config.num_hidden_layers) if (i + 1) % config.decoder_sparse_step == 0]
-        # HF's loss holds its own (all-layer) balance term; ours is per layer, as model.family=moe's.
-        lm = out.loss - config.router_aux_loss_coef * out.aux_loss
         aux = z = 0.0
         parts = {}
+        real = batch.get("attention_mask")  # pads route too (nothing is dropped) but weigh in no loss or load
+        real = real.reshape(-1) if real is not None else None
         for layer, logits in zip(moe_layers, out.router_logits, strict=True):
-            layer_aux, layer_z, load = routing_losses(logits)
+            layer_aux, layer_z, load = routing_losses(logits, real)
             aux, z = aux + layer_aux, z + layer_z
             for e, share in enumerate(load):
                 parts[f"moe/layer{layer}/load_e{e}"] = share
         moe = getattr(model, "module", model).__dict__["_moe"]
-        loss = lm + moe.aux_loss_coef * aux + moe.z_loss_coef * z
-        parts = {"loss_part/lm": lm.detach(), "loss_part/aux": aux.detach(), "loss_part/z": z.detach(), **parts}
-        return ModelOutput(loss, out.logits, parts)
+        extra = moe.aux_loss_coef * aux + moe.z_loss_coef * z
+        parts = {"loss_part/aux": aux.detach(), "loss_part/z": z.detach(), **parts}
+        return ModelOutput(out.logits, extra, parts)

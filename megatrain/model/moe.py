@@ -57,6 +57,13 @@ class SwitchFeedForward(torch.nn.Module):
             self.moe = self._make(hidden_size, expert_size, moe, ep_size)
         self.moe.deepspeed_moe.gate.register_forward_hook(self._record_routing)
         self.aux_loss = self.z_loss = self.load = self.dropped = None
+        self.token_budget: int | None = None
+        """Tokens a training micro-batch may hold (micro_batch_size x max_seq_len; MoEFamily.set_token_budget):
+        capacity is counted on it, so padding moves no real token over capacity."""
+        self.real: torch.Tensor | None = None
+        """(tokens,) bool: which tokens of the next forward are real (not padding); set around a training
+        forward by MoEFamily.forward, None (every token routed) otherwise, e.g. when generating."""
+        self._routed_real: torch.Tensor | None = None  # the same, for the tokens handed to DeepSpeed's gate
 
     @staticmethod
     def _make(hidden_size: int, expert_size: int, moe: MoEConfig, ep_size: int):
@@ -85,22 +92,48 @@ class SwitchFeedForward(torch.nn.Module):
 
     def _record_routing(self, gate, inputs, output) -> None:
         # DeepSpeed's MOELayer asks the gate for sparse routes: (l_aux, capacity, num_experts, expert
-        # index per route with -1 where capacity dropped it, slot, gate value, tokens per expert).
-        indices, counts = output[3], output[6]
-        self.dropped = (indices < 0).float().mean().detach()
-        self.load = (counts.float() / counts.sum().clamp(min=1)).detach()
+        # index per route with -1 where capacity dropped it (or the token was not routed), ...).
+        dropped = (output[3] < 0).float()  # (top_k, tokens)
+        real = self._routed_real
+        self.dropped = (dropped.mean() if real is None else
+                        (dropped * real).sum() / (real.sum() * dropped.shape[0]).clamp(min=1)).detach()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
-        short = self.cfg.min_capacity - tokens.shape[0]
+        routed, real, back = self._without_padding(tokens)
+        short = self.cfg.min_capacity - routed.shape[0]
         if short > 0:  # DeepSpeed's gate asserts tokens >= min_capacity: a decode step of a few sequences
-            tokens = torch.cat([tokens, tokens.new_zeros(short, tokens.shape[1])])
-        out, self.aux_loss, _ = self.moe(tokens)
-        # ST-MoE's z-loss keeps router logits small (bf16 softmax stays exact). DeepSpeed's gate does not
-        # return its logits, so they are recomputed: a (tokens x hidden) x (hidden x experts) matmul.
-        logits = F.linear(tokens.float(), self.router.weight.float())
-        self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()
-        return out[: len(out) - max(short, 0)].reshape(hidden_states.shape)
+            routed = torch.cat([routed, routed.new_zeros(short, routed.shape[1])])
+            real = torch.cat([real if real is not None else routed.new_ones(routed.shape[0] - short),
+                              routed.new_zeros(short)])
+        self._routed_real = real
+        # used_token keeps the fillers and pads out of top-1 dispatch (DeepSpeed's top2gating takes no
+        # mask: under top-2 they still take capacity; their losses and load are masked below).
+        out, _, _ = self.moe(routed, used_token=real if real is not None and self.cfg.top_k == 1 else None)
+        # DeepSpeed's l_aux averages over every token handed to it, pads included, so the losses are
+        # recomputed from the router's logits over the real tokens: a (tokens x hidden) x (hidden x
+        # experts) matmul (without the jitter, which DeepSpeed's gate applies inside).
+        self.aux_loss, self.z_loss, self.load = routing_losses(F.linear(routed.float(), self.router.weight.float()),
+                                                              real)
+        return back(out).reshape(hidden_states.shape)
+
+    def _without_padding(self, tokens: torch.Tensor):
+        """(tokens to route, which of them are real or None, the map of the routed output back onto
+        `tokens`). With a mask, the real tokens go first in their order (a stable sort: no host sync),
+        then the pads, cut or topped up with zero fillers to token_budget (the same on every rank, as
+        the expert-parallel all-to-all needs, and independent of how much padding a batch has)."""
+        # Only in training: an activation-checkpointed layer recomputes its forward during backward with
+        # the mask it had, and an eval forward (model.eval()) routes every token as before.
+        if self.real is None or self.token_budget is None or not self.training:
+            n = tokens.shape[0]
+            return tokens, None, lambda out: out[:n]
+        order = torch.argsort((~self.real.reshape(-1)).to(torch.int8), stable=True)[: self.token_budget]
+        routed, real = tokens[order], self.real.reshape(-1)[order].to(tokens.dtype)
+        fill = self.token_budget - routed.shape[0]
+        if fill > 0:
+            routed = torch.cat([routed, routed.new_zeros(fill, routed.shape[1])])
+            real = torch.cat([real, real.new_zeros(fill)])
+        return routed, real, lambda out: torch.zeros_like(tokens).index_copy(0, order, out[: len(order)])
 
     def weighted_loss(self) -> torch.Tensor:
         """This layer's term of the training loss (the coefficients are model.moe's)."""
@@ -121,6 +154,23 @@ class SwitchFeedForward(torch.nn.Module):
         """This rank's experts as HF rows: global id -> (gate_up_proj[e], down_proj[e])."""
         return {e: (torch.cat([x.gate_proj.weight, x.up_proj.weight]).detach().cpu(), x.down_proj.weight.detach().cpu())
                 for x, e in zip(self.local_experts, self.global_expert_ids())}
+
+
+def routing_losses(logits: torch.Tensor, real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+    """Switch's load-balancing loss, ST-MoE's z-loss and the expert load (share of first choices) of one
+    layer's router logits [tokens, experts], over the real tokens only (`real`: (tokens,) 1/0; None:
+    all). Unmasked they are what DeepSpeed's top1gating/top2gating compute, so both MoE families log
+    the same figures: aux = E * sum_e(share of first choices on e * mean router probability of e), 1 at
+    uniform load."""
+    logits = logits.float()
+    probs = logits.softmax(dim=-1)
+    weight = (real.float() if real is not None else probs.new_ones(probs.shape[0]))[:, None]  # (tokens, 1)
+    count = weight.sum().clamp(min=1)
+    first = (F.one_hot(probs.argmax(dim=-1), logits.shape[-1]) * weight).sum(dim=0) / count
+    aux = logits.shape[-1] * (first * (probs * weight).sum(dim=0) / count).sum()
+    z = (torch.logsumexp(logits, dim=-1).square() * weight[:, 0]).sum() / count
+    return aux, z, first.detach()
 
 
 def switch_layers(model: torch.nn.Module) -> list[SwitchFeedForward]:
@@ -200,9 +250,13 @@ class MoEFamily(ModelFamily):
         return Qwen3MoeForCausalLM(config)
 
     def shard_experts(self, model: Qwen3MoeForCausalLM, cfg, dims, rank: int) -> Qwen3MoeForCausalLM:
-        if dims.ep == 1:
-            return model
-        return replace_sparse_blocks(model, cfg.model.moe, dims.ep, dims.ep_rank(rank))
+        if dims.ep > 1:
+            model = replace_sparse_blocks(model, cfg.model.moe, dims.ep, dims.ep_rank(rank))
+        # Where the layers meet the whole config: capacity is counted on a training micro-batch's token
+        # budget, not on however many pads a batch carries (SwitchFeedForward._without_padding).
+        for layer in switch_layers(model):
+            layer.token_budget = cfg.train.micro_batch_size * cfg.model.max_seq_len
+        return model
 
     def check_pretrained(self, cfg: ModelConfig, ids: TokenIds) -> None:
         """As every family, and model.moe must describe the folder's experts (the MoE layers are built from it)."""
@@ -251,44 +305,44 @@ class MoEFamily(ModelFamily):
         return Qwen3MoeForCausalLM.from_pretrained(path, attn_implementation=pick_attention("auto", device_type),
                                                    dtype=torch.float32, **placement)
 
-    def hf_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-        """The HF (Qwen3-MoE) state dict on rank 0, every expert gathered from its EP rank; None elsewhere.
+    def hf_modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """Each SwitchFeedForward: its experts sit on the ranks of an EP group, its HF names are Qwen3-MoE's."""
+        return {name: m for name, m in model.named_modules() if isinstance(m, SwitchFeedForward)}
 
-        Every rank must call it. Experts travel by gather_object to rank 0 only, a layer at a time.
+    def hf_module_tensors(self, name: str, layer: SwitchFeedForward) -> dict[str, torch.Tensor] | None:
+        """The layer as a Qwen3-MoE sparse block (router, fused experts) on rank 0; None elsewhere.
+
+        Every rank must call it. Only the first EP group's ranks (global ranks 0..ep_size-1: MoE runs have
+        no TP) send their experts, host tensors pickled to rank 0, so rank 0 receives each expert once.
         """
         import torch.distributed as dist
 
-        distributed = dist.is_initialized() and dist.get_world_size() > 1
-        is_main = not distributed or dist.get_rank() == 0
-        prefix = {id(layer): name for name, layer in model.named_modules() if isinstance(layer, SwitchFeedForward)}
-        state = {k: v.detach() for k, v in model.state_dict().items() if ".mlp.moe." not in k} if is_main else None
-        for layer in switch_layers(model):
-            experts = layer.hf_experts()
-            if distributed:
-                everyone = [None] * dist.get_world_size() if is_main else None
-                dist.gather_object(experts, everyone, dst=0)
-                if is_main:
-                    experts = {e: rows for part in everyone for e, rows in part.items()}
-            if is_main:
-                name = prefix[id(layer)]
-                ids = range(layer.cfg.num_experts)
-                state[f"{name}.gate.weight"] = layer.router.weight.detach().cpu()
-                state[f"{name}.experts.gate_up_proj"] = torch.stack([experts[e][0] for e in ids])
-                state[f"{name}.experts.down_proj"] = torch.stack([experts[e][1] for e in ids])
-        return state
+        from megatrain.parallel.host import gather_object
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        everyone = gather_object(layer.hf_experts() if rank < layer.ep_size else {})
+        if everyone is None:
+            return None
+        experts = {e: rows for part in everyone for e, rows in part.items()}
+        ids = range(layer.cfg.num_experts)
+        return {f"{name}.gate.weight": layer.router.weight.detach().to("cpu", copy=True),
+                f"{name}.experts.gate_up_proj": torch.stack([experts[e][0] for e in ids]),
+                f"{name}.experts.down_proj": torch.stack([experts[e][1] for e in ids])}
 
     def forward(self, model: torch.nn.Module, batch: dict) -> ModelOutput:
-        out = model(**batch, use_cache=False)
         layers = switch_layers(model)
-        loss = out.loss + sum(layer.weighted_loss() for layer in layers)
-        parts = {"loss_part/lm": out.loss.detach(),
-                 "loss_part/aux": sum(layer.aux_loss for layer in layers).detach(),
+        real = batch.get("attention_mask")  # Q/A rows are padded; packed rows are all real
+        for layer in layers:  # kept until the next forward: activation checkpointing recomputes with it
+            layer.real = real.reshape(-1).bool() if real is not None else None
+        out = model(**self.inputs(model, batch))
+        extra = sum(layer.weighted_loss() for layer in layers)
+        parts = {"loss_part/aux": sum(layer.aux_loss for layer in layers).detach(),
                  "loss_part/z": sum(layer.z_loss for layer in layers).detach()}
         for layer in layers:
             parts[f"moe/layer{layer.layer_idx}/dropped"] = layer.dropped
             for e, share in enumerate(layer.load):
                 parts[f"moe/layer{layer.layer_idx}/load_e{e}"] = share
-        return ModelOutput(loss, out.logits, parts)
+        return ModelOutput(out.logits, extra, parts)
 
     def flops_per_token(self, cfg: ModelConfig, model: torch.nn.Module) -> float:
         """From the active parameters: everything but the experts, plus top_k experts per MoE layer."""

@@ -97,15 +97,15 @@ class SwitchT5Family(T5Family):
         return SwitchTransformersForConditionalGeneration.from_pretrained(path, dtype=torch.float32, **placement)
 
     def forward(self, model: torch.nn.Module, batch: dict) -> ModelOutput:
-        out = model(**batch, use_cache=False, output_router_logits=True)
+        out = model(**self.inputs(model, batch), output_router_logits=True)
         config = getattr(model, "module", model).config
         # HF gives a plain 0 for a stack without router losses (a folder whose every layer is sparse).
-        z, aux = (torch.as_tensor(a + b, dtype=out.loss.dtype, device=out.loss.device)
+        z, aux = (torch.as_tensor(a + b, dtype=torch.float32, device=out.logits.device)
                   for a, b in ((out.encoder_z_loss, out.decoder_z_loss), (out.encoder_aux_loss, out.decoder_aux_loss)))
-        # HF's loss already holds both router terms, weighted by the config's coefficients.
-        lm = out.loss - config.router_z_loss_coef * z - config.router_aux_loss_coef * aux
-        parts = {"loss_part/lm": lm.detach(), "loss_part/aux": aux.detach(), "loss_part/z": z.detach()}
-        return ModelOutput(out.loss, out.logits, parts)
+        # Weighted by the config's coefficients, as HF adds them to its own loss.
+        extra = config.router_z_loss_coef * z + config.router_aux_loss_coef * aux
+        parts = {"loss_part/aux": aux.detach(), "loss_part/z": z.detach()}
+        return ModelOutput(out.logits, extra, parts)
 
     def flops_per_token(self, cfg: ModelConfig, model: torch.nn.Module) -> float:
         """As T5, counting one expert of each sparse layer (top-1) instead of all of them."""

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from megatrain.errors import ConfigError
+from megatrain.heartbeat import nccl_fault_env
+from megatrain.parallel import host
 
 # DeepSpeed 0.19.8 calls this deprecated torch collective itself; the warning is not the user's to act on.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated", category=FutureWarning)
@@ -156,6 +158,9 @@ def init_world(tp: int = 1, ep: int = 1, timeout_s: float = 600) -> World:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     dev = device_type()
+    # Read when the NCCL groups are made: a failed collective must raise in Python (then
+    # heartbeat.exit_if_rank_lost names the rank, exit 3, a requeue), not end the rank by SIGABRT.
+    os.environ.update(nccl_fault_env(os.environ))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if dev == "cuda":
         torch.cuda.set_device(local_rank)
@@ -171,6 +176,7 @@ def init_world(tp: int = 1, ep: int = 1, timeout_s: float = 600) -> World:
         with contextlib.redirect_stdout(io.StringIO()):
             deepspeed.init_distributed(dist_backend="nccl" if dev == "cuda" else "gloo", verbose=False,
                                        timeout=datetime.timedelta(seconds=timeout_s))
+    host.setup(timeout_s)
     dims = ParallelDims(torch.distributed.get_world_size(), tp, ep)  # against the world really started
     world = World(rank=torch.distributed.get_rank(), local_rank=local_rank, world_size=dims.world_size,
                   device_type=dev, tp=tp, ep=ep)
@@ -194,27 +200,5 @@ def tensor_parallel_groups(tp: int):
 def shutdown() -> None:
     """Leave the process group cleanly, so no rank exits while another still talks to it."""
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        host.barrier()
         torch.distributed.destroy_process_group()
-
-
-def barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def all_gather_object(obj) -> list:
-    """Every rank's `obj`, in rank order, on every rank (a list of one without a process group)."""
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        return [obj]
-    everyone = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everyone, obj)
-    return everyone
-
-
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum a few Python numbers over all ranks (float64, so counts stay exact)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t)
-    return t.tolist()

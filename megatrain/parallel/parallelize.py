@@ -60,12 +60,14 @@ def whole_logits(model: torch.nn.Module):
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                         split_vocab: bool) -> torch.Tensor:
-    """Per-token cross entropy (no reduction), also of vocabulary-split logits (then a TP collective)."""
+    """Per-token cross entropy (no reduction) in fp32, 0 where the target is ignore_index; also of
+    vocabulary-split logits (then a TP collective). Either way the logits are upcast once, inside."""
     if split_vocab:
         from deepspeed.sequence.cross_entropy import vocab_parallel_cross_entropy
         from deepspeed.utils import groups
 
         return vocab_parallel_cross_entropy(logits, targets, groups.get_tensor_model_parallel_group(),
                                             ignore_index=ignore_index, reduction="none")
-    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=ignore_index,
-                                             reduction="none")
+    # Flattened, not transposed to (B, V, T): a non-contiguous class dimension would cost another copy.
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index,
+                                             reduction="none").view_as(targets)

@@ -11,8 +11,11 @@ Figures (time from fault to exit, steps lost) are appended to $MEGATRAIN_FAULT_R
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
+import random
 import shutil
 import signal
 import subprocess
@@ -27,6 +30,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, SMOKE, losses
 from megatrain.checkpoint import CHECKSUMS, checkpoint_files, damage, sha256_of
+from megatrain.launch.local import rank_env
+from megatrain.parallel.dims import free_port
 from test_bad_input import assert_one_clear_line, tree_digest
 
 
@@ -92,6 +97,55 @@ def test_zero0_fp32_cannot_skip_and_stops_at_once(train_smoke, tmp_path):
 
 # --- damaged and untrusted checkpoints ------------------------------------------------------------
 
+class Payload:
+    """Unpickling this runs a shell command (what a crafted checkpoint file would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def replace_file(step: Path, name: str, data: bytes) -> Path:
+    """Overwrite a checkpoint file and update checksums.json to match, as a careful attacker would
+    (else the resume would fall back to the checkpoint before)."""
+    path = step / name
+    path.write_bytes(data)
+    manifest = json.loads((step / CHECKSUMS).read_text())
+    manifest["files"][name] = {"size": path.stat().st_size, "sha256": sha256_of([name], step, None)[name]}
+    (step / CHECKSUMS).write_text(json.dumps(manifest))
+    return path
+
+
+def every_rank(run: Path, dm_data, *overrides: str, nproc: int = 2) -> list[tuple[int, str]]:
+    """Each rank's (exit code, stderr) from a `megatrain train` whose ranks are started directly, as
+    torchrun or SLURM would (--nproc's launcher returns one exit code and stops the other ranks)."""
+    port, logs = free_port(), [run.parent / f"rank{rank}.stderr" for rank in range(nproc)]
+    argv = [sys.executable, "-m", "megatrain", "train", str(SMOKE), f"--run.dir={run}",
+            f"--data.shards={dm_data['shards']}", f"--eval.released={dm_data['released']}", *overrides]
+    procs = []
+    try:
+        for rank, log in enumerate(logs):
+            with open(log, "w") as stderr:
+                procs.append(subprocess.Popen(argv, cwd=REPO, env=rank_env(rank, nproc, port),
+                                              stdout=subprocess.DEVNULL, stderr=stderr))
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [(code, log.read_text()) for code, log in zip(codes, logs)]
+
+
+def assert_refused_on_every_rank(ranks: list[tuple[int, str]], *needles: str) -> None:
+    """Exit 2 from every rank; one `error:` line (rank 0 prints it) with the needles; no traceback, and
+    no rank taken for lost."""
+    for rank, (code, stderr) in enumerate(ranks):
+        assert code == 2 and "Traceback" not in stderr and "stopped answering" not in stderr, (rank, stderr[-3000:])
+    errors = [line for _, stderr in ranks for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and all(n in errors[0] for n in needles), errors
+
+
 def test_a_damaged_checkpoint_falls_back_to_the_previous_intact_one(train_smoke, reference12, tmp_path):
     run = tmp_path / "run"
     ckpt = run / "checkpoints"
@@ -127,17 +181,10 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused(train_smoke, reference_run,
     shutil.copytree(reference_run, run)
     step = run / "checkpoints" / "step_8"
     marker = tmp_path / "payload_ran"
-
-    class Payload:
-        def __reduce__(self):
-            return os.system, (f"touch {marker}",)
-
     states = step / "mp_rank_00_model_states.pt"
-    torch.save({**torch.load(states, weights_only=False), "x": Payload()}, states)
-    manifest = json.loads((step / CHECKSUMS).read_text())
-    manifest["files"]["mp_rank_00_model_states.pt"] = {"size": states.stat().st_size,
-                                                        "sha256": sha256_of([states.name], step, None)[states.name]}
-    (step / CHECKSUMS).write_text(json.dumps(manifest))
+    buffer = io.BytesIO()
+    torch.save({**torch.load(states, weights_only=False), "x": Payload(marker)}, buffer)
+    replace_file(step, states.name, buffer.getvalue())
     before = tree_digest(run / "checkpoints")
     result = train_smoke(run, "--resume", "--train.steps=10", check=False)
     assert_one_clear_line(result, "mp_rank_00_model_states.pt", "pickled posix.system")
@@ -145,12 +192,65 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused(train_smoke, reference_run,
     assert tree_digest(run / "checkpoints") == before
 
 
+# The ranks take the sorted .pt files of step_8 in turn (mp_rank_00_model_states.pt, rng_rank0.pt,
+# rng_rank1.pt, zero_pp_rank_0_..., zero_pp_rank_1_...): rank 1 checks the first and third kind's file.
+@pytest.mark.parametrize("kind, name", [
+    ("pickle_dump", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+    ("truncated_zip", "mp_rank_00_model_states.pt"),
+    ("random_bytes", "rng_rank0.pt"),
+])
+def test_a_file_that_torch_save_did_not_write_is_refused_on_every_rank(dm_data, reference_run, tmp_path, kind, name):
+    """Not torch's zip format (plain pickle.dump: torch.load(weights_only=False) would unpickle it, payload
+    and all), a zip cut short, or other bytes: the same refusal and exit 2 on every rank, not a traceback
+    on the rank that read it and a lost-rank exit 3 (a SLURM requeue) on the others."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    step = run / "checkpoints" / "step_8"
+    marker = tmp_path / "payload_ran"
+    original = (step / name).read_bytes()
+    if kind == "pickle_dump":
+        data = pickle.dumps({"x": Payload(marker)})
+    elif kind == "truncated_zip":
+        data = original[: len(original) // 2]
+    else:
+        data = random.Random(0).randbytes(len(original))
+    path = replace_file(step, name, data)
+    before = tree_digest(run / "checkpoints")
+    # A lower collective timeout only bounds how long a rank left waiting (before the fix) takes to fail.
+    ranks = every_rank(run, dm_data, "--resume", "--train.steps=10", "--parallel.collective_timeout_s=60")
+    assert_refused_on_every_rank(ranks, str(path), "is not a file torch.save writes")
+    assert not marker.exists()
+    assert tree_digest(run / "checkpoints") == before
+
+
+def test_a_failed_layout_conversion_is_one_line_on_every_rank(dm_data, reference_run, tmp_path):
+    """Resuming the 2-rank TP-1 run at tp_degree 2 converts step_8 to DeepSpeed's universal checkpoint
+    on rank 0. An optimizer shard that passes the pickle check but holds no ZeRO state makes the
+    converter fail: every rank raises the same error and exits 2, none waits for rank 0 in a collective
+    until it takes it for lost."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    step = run / "checkpoints" / "step_8"
+    buffer = io.BytesIO()
+    torch.save({"optimizer_state_dict": {}}, buffer)
+    replace_file(step, "zero_pp_rank_1_mp_rank_00_optim_states.pt", buffer.getvalue())
+    before = tree_digest(run / "checkpoints")
+    ranks = every_rank(run, dm_data, "--resume", "--train.steps=10", "--parallel.tp_degree=2",
+                       "--parallel.collective_timeout_s=60")
+    assert_refused_on_every_rank(ranks, f"converting {step}", "ds_to_universal exited with 1",
+                                 "KeyError: 'param_slice_mappings'", "on 2 ranks with parallel.tp_degree=1")
+    assert tree_digest(run / "checkpoints") == before  # no universal/, no .tmp-universal/ left
+
+
 def test_checksums_cover_every_file_of_a_checkpoint(reference_run):
     step = reference_run / "checkpoints" / "step_8"
     manifest = json.loads((step / CHECKSUMS).read_text())
     assert sorted(manifest["files"]) == checkpoint_files(step)
-    assert {"trainer.json", "hf/model.safetensors", "rng_rank1.pt"} <= manifest["files"].keys()
+    assert {"trainer.json", "hf/model.safetensors", "rng_rank1.pt", "zero_to_fp32.py"} <= manifest["files"].keys()
     assert damage(step) is None
+    # DeepSpeed's recovery scripts live in each checkpoint, not beside them (where a failed save
+    # would leave them or not, depending on which rank failed first).
+    assert sorted(p.name for p in (reference_run / "checkpoints").iterdir()) == ["latest", "step_4", "step_8"]
 
 
 def test_bin_weights_in_an_import_folder_need_an_opt_in(train_smoke, reference_run, tmp_path):
