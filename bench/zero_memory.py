@@ -10,6 +10,7 @@ activations are freed by then and the one synthetic batch is a few KB.
 
     python bench/zero_memory.py                     # fp32 and bf16, 2 and 4 ranks (~5 min on 2 cores)
     python bench/zero_memory.py --precision bf16 --ranks 2
+    python bench/zero_memory.py --precision bf16 --ranks 2 --bf16-grad-sums bf16   # without fp32 gradient sums
 
 Printed: a table per precision of the largest rank's MiB and its ratio to ZeRO-0 TP-1 on the same
 number of ranks. Goals: ZeRO-3 on 2 ranks <= 0.55; TP=2 x ZeRO-1 on 4 ranks <= 0.30.
@@ -58,7 +59,8 @@ import torch  # noqa: E402
 
 from megatrain.config import load_config  # noqa: E402
 from megatrain.launch.local import rank_env  # noqa: E402
-from megatrain.parallel.dims import free_port, init_world  # noqa: E402  (before deepspeed loads)
+from megatrain.parallel import host  # noqa: E402
+from megatrain.parallel.dims import free_port, init_world, shutdown  # noqa: E402  (before deepspeed loads)
 
 
 def live_tensor_bytes() -> int:
@@ -92,7 +94,8 @@ def worker(args: argparse.Namespace) -> None:
         f"--model.hidden_size={args.hidden}", f"--model.num_layers={args.layers}", "--model.num_heads=8",
         f"--model.intermediate_size={args.hidden * 8 // 3 // 64 * 64}", "--model.max_seq_len=32",
         f"--model.tie_embeddings={str(not args.untied).lower()}", "--train.micro_batch_size=1", "--train.steps=10", "--optim.warmup_steps=1",
-        f"--parallel.zero_stage={args.zero}", f"--parallel.tp_degree={args.tp}", f"--precision={args.precision}"])
+        f"--parallel.zero_stage={args.zero}", f"--parallel.tp_degree={args.tp}", f"--precision={args.precision}",
+        f"--parallel.fp32_grad_reduce={str(args.bf16_grad_sums == 'fp32').lower()}"])
     world = init_world(args.tp)
     torch.manual_seed(0)
     llama, ids = family("llama"), TokenIds(args.vocab, 0, 1, 2)
@@ -114,12 +117,10 @@ def worker(args: argparse.Namespace) -> None:
     engine.backward(objective.token_loss(logits, b["labels"], llama.task, split_vocab).mean())
     used = live_tensor_bytes()
     engine.step()
-    everyone = [None] * world.world_size
-    torch.distributed.all_gather_object(everyone, used)
+    everyone = host.all_gather_object(used)
     if world.is_main:
         print(json.dumps({"bytes": everyone, "params": n_params}), flush=True)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    shutdown()
 
 
 def peak_rss() -> int:
@@ -225,24 +226,22 @@ def phase_worker(args: argparse.Namespace) -> None:
     trim = ctypes.CDLL("libc.so.6").malloc_trim
     result = {}
     for name, run in phases.items():  # the whole-model gathers last: nothing they leave behind counts
-        torch.distributed.barrier()
+        host.barrier()
         gc.collect()
         trim(0)  # what glibc kept of freed memory goes back, so the high-water mark starts at what is alive
         reset_peak_rss()
         peak["gathered"] = 0
         run()
         result[name] = {"rss": peak_rss(), "gathered": peak["gathered"]}
-        torch.distributed.barrier()
+        host.barrier()
         if world.is_main:
             for tag in ("ds", "streamed", "whole"):
                 shutil.rmtree(folder / tag, ignore_errors=True)
-    everyone = [None] * world.world_size
-    torch.distributed.all_gather_object(everyone, result)
+    everyone = host.all_gather_object(result)
     if world.is_main:
         n_params = sum(p.ds_numel for p in params)
         print(json.dumps({"ranks": everyone, "params": n_params}), flush=True)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    shutdown()
 
 
 def measure_phases(args: argparse.Namespace, ranks: int, tokenizer: Path, scratch: Path) -> dict:
@@ -305,7 +304,7 @@ def measure(args: argparse.Namespace, ranks: int, zero: int, tp: int, precision:
     """Start `ranks` local processes for one layout; the per-rank bytes rank 0 gathered."""
     port = free_port()
     argv = [sys.executable, __file__, "--worker", f"--zero={zero}", f"--tp={tp}", f"--precision={precision}",
-            f"--hidden={args.hidden}", f"--layers={args.layers}", f"--vocab={args.vocab}",
+            f"--bf16-grad-sums={args.bf16_grad_sums}", f"--hidden={args.hidden}", f"--layers={args.layers}", f"--vocab={args.vocab}",
             *(["--untied"] if args.untied else [])]
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=rank_env(r, ranks, port, threads_per_rank=1)) for r in range(ranks)]
@@ -320,6 +319,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--bf16-grad-sums", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16 runs: accumulate and reduce gradients in fp32 (parallel.fp32_grad_reduce, the "
+                        "default) or in bf16, to see what the fp32 sums cost")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8192)

@@ -52,7 +52,7 @@ def deepspeed_config(cfg: Config, dims: ParallelDims, load_universal: bool = Fal
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
     }
-    if cfg.precision == "bf16" and p.fp32_grad_reduce:
+    if cfg.precision == "bf16" and p.fp32_grad_reduce and p.zero_stage > 0:
         # DeepSpeed 0.19.8 otherwise accumulates and all-reduces bf16 gradients: communication_data_type
         # defaults to the model's dtype (runtime/engine.py:1719-1731) and grad_accum_dtype to it too
         # (engine.py:1804-1810). With fp32: ZeRO-1 takes the BF16_Optimizer, whose gradients are fp32
@@ -60,7 +60,7 @@ def deepspeed_config(cfg: Config, dims: ParallelDims, load_universal: bool = Fal
         # accumulate in a separate fp32 buffer (zero/stage_1_and_2.py:395-401, 1233-1240) and reduce in
         # communication_data_type (1485-1494); ZeRO-3 accumulates into its fp32 gradient partitions
         # (zero/stage3.py:239, 792) and reduce-scatters in communication_data_type (1648-1678). ZeRO-0
-        # with bf16 is refused (config.validate).
+        # with bf16 is refused (config.validate); DeepSpeed has no fp32 accumulation there (engine.py:2313-2323).
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
         ds["communication_data_type"] = "fp32"
     if dims.tp > 1:
