@@ -148,10 +148,10 @@ def train_step(engine, batches: list[dict], num_sources: int, model_family: Mode
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         out = model_family.forward(engine, batch)
         token_loss = objective.token_loss(out.logits, batch["labels"], task, split_vocab)  # (B, T) fp32
+        if poison:
+            token_loss, poison = token_loss * float("nan"), False
         extra = torch.as_tensor(out.extra_loss if out.extra_loss is not None else 0.0, device=device)
         loss = token_loss.sum() * loss_scale + extra  # see objective.py
-        if poison:
-            loss, poison = loss * float("nan"), False
         engine.backward(loss)
         engine.step()
         row_loss = token_loss.detach().sum(1).double()  # (B,): summed in fp64 from here on, as the sources are
