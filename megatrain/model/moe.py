@@ -107,9 +107,13 @@ class SwitchFeedForward(torch.nn.Module):
             real = torch.cat([real if real is not None else routed.new_ones(routed.shape[0] - short),
                               routed.new_zeros(short)])
         self._routed_real = real
-        # used_token keeps the fillers and pads out of top-1 dispatch (DeepSpeed's top2gating takes no
-        # mask: under top-2 they still take capacity; their losses and load are masked below).
-        out, _, _ = self.moe(routed, used_token=real if real is not None and self.cfg.top_k == 1 else None)
+        # used_token keeps the fillers and pads out of top-1 dispatch, where capacity drops tokens.
+        # DeepSpeed's top2gating takes no mask (under top-2 they still take capacity), and with
+        # drop_tokens=false nothing is dropped, so they cost slots but change no result (and top1gating
+        # would then size topk by a float count: moe/sharded_moe.py 241-259, 283-284). Their losses and
+        # load are masked below either way.
+        masked = real is not None and self.cfg.top_k == 1 and self.cfg.drop_tokens
+        out, _, _ = self.moe(routed, used_token=real if masked else None)
         # DeepSpeed's l_aux averages over every token handed to it, pads included, so the losses are
         # recomputed from the router's logits over the real tokens: a (tokens x hidden) x (hidden x
         # experts) matmul (without the jitter, which DeepSpeed's gate applies inside).
