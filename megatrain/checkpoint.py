@@ -273,7 +273,7 @@ def pickle_problem(path: Path) -> str | None:
     """Why DeepSpeed must not load `path` (see check_pickles), or None."""
     then = "remove that checkpoint folder or restore it from a copy you trust"
     if not zipfile.is_zipfile(path):
-        # torch.save writes zip archives. torch.load(weights_only=False) would unpickle a plain
+        # torch.save writes zip archives. DeepSpeed's unrestricted torch.load would unpickle a plain
         # pickle.dump or torch's legacy format as it reads it, and fail on other bytes on this rank only.
         return (f"{path} is not a file torch.save writes (not a zip archive: a plain or legacy pickle, a file cut "
                 f"short, or other bytes); {then}")
