@@ -31,7 +31,7 @@ demo: install $(DATA)/shards/manifest.json
 	megatrain generate $(RUN_DIR) "What is the hundreds digit of 31857?"
 
 test: install
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q --durations=25 tests
 
 clean-demo:
 	rm -rf $(DATA) $(RUN_DIR)

@@ -251,10 +251,12 @@ def test_fewer_tokens_than_the_minimum_capacity():
         torch.testing.assert_close(layer(x[:, :2]), full[:, :2], rtol=0, atol=1e-6)
 
 
-def test_padding_moves_no_loss_gradient_or_expert_load():
+@pytest.mark.parametrize("top_k,capacity_factor", [(1, 1.0), (2, 0.5)])
+def test_padding_moves_no_loss_gradient_or_expert_load(top_k, capacity_factor):
     """Pads are not routed: adding pad columns or a pad row to a micro-batch leaves the loss, every
     parameter's gradient and the expert load as they were (capacity counts the micro-batch's token
-    budget, the aux/z-losses and the load count real tokens only)."""
+    budget, pads and fillers take no expert slot under top-1 or top-2, the aux/z-losses and the load
+    count real tokens only)."""
     from megatrain import objective
     from megatrain.config import Config, TrainConfig
     from megatrain.data.loader import IGNORE_INDEX
@@ -262,7 +264,8 @@ def test_padding_moves_no_loss_gradient_or_expert_load():
 
     torch.manual_seed(0)
     cfg = Config(model=ModelConfig(family="moe", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                                   max_seq_len=12, moe=MoEConfig(num_experts=4, capacity_factor=1.0, jitter=False)),
+                                   max_seq_len=12, moe=MoEConfig(num_experts=4, top_k=top_k, capacity_factor=capacity_factor,
+                                                                  jitter=False)),
                  train=TrainConfig(micro_batch_size=3, global_batch_size=3))
     moe = family("moe")
     model = moe.shard_experts(moe.build(cfg.model, TokenIds(64, 0, 1, 2)), cfg, ParallelDims(1), 0).train()
@@ -297,3 +300,27 @@ def test_padding_moves_no_loss_gradient_or_expert_load():
             torch.testing.assert_close(grad, want_grads[name], rtol=1e-5, atol=1e-7, msg=name)
         for name, value in load.items():
             torch.testing.assert_close(value, want_load[name], rtol=0, atol=0, msg=name)
+
+
+def test_the_masked_top2_gate_is_deepspeeds_where_every_token_is_real():
+    """moe_gate.masked_top2_routes with an all-ones mask returns what DeepSpeed's top2gating returns (the
+    routes, slots, weights, capacity and counts); with tokens masked they take no route and no slot."""
+    from deepspeed.moe.sharded_moe import top2gating
+
+    from megatrain.model.moe_gate import masked_top2_routes
+
+    logits = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
+    want = top2gating(logits.clone(), 0.5, 2, drop_tokens=True, top2_2nd_expert_sampling=False, sparse_routes=True)
+    got = masked_top2_routes(logits.clone(), torch.ones(40), 0.5, 2)
+    assert (got[1], got[2]) == (want[1], want[2])  # capacity, experts
+    for a, b in zip(got[3:], want[3:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(got[0], want[0])
+    assert (want[3] < 0).any()  # capacity bites, so the slots are what is compared
+
+    used = (torch.arange(40) % 3 != 0).float()
+    indices, slots = masked_top2_routes(logits.clone(), used, 0.5, 2)[3:5]
+    assert (indices[:, used == 0] == -1).all()
+    for expert in range(4):  # the real routes fill each expert's slots from 0 with no gap left by a masked token
+        taken = slots[indices == expert]
+        assert sorted(taken.tolist()) == list(range(len(taken)))

@@ -55,6 +55,10 @@ class SwitchFeedForward(torch.nn.Module):
         # and with it the jitter and dropout of training, by how many experts this rank holds.
         with torch.random.fork_rng(devices=[]):
             self.moe = self._make(hidden_size, expert_size, moe, ep_size)
+        from megatrain.model.moe_gate import MaskedTopKGate
+
+        # The same module (weights, settings), with a forward that keeps pads out of top-2's slots too.
+        self.moe.deepspeed_moe.gate.__class__ = MaskedTopKGate
         self.moe.deepspeed_moe.gate.register_forward_hook(self._record_routing)
         self.aux_loss = self.z_loss = self.load = self.dropped = None
         self.token_budget: int | None = None
@@ -107,12 +111,11 @@ class SwitchFeedForward(torch.nn.Module):
             real = torch.cat([real if real is not None else routed.new_ones(routed.shape[0] - short),
                               routed.new_zeros(short)])
         self._routed_real = real
-        # used_token keeps the fillers and pads out of top-1 dispatch, where capacity drops tokens.
-        # DeepSpeed's top2gating takes no mask (under top-2 they still take capacity), and with
-        # drop_tokens=false nothing is dropped, so they cost slots but change no result (and top1gating
-        # would then size topk by a float count: moe/sharded_moe.py 241-259, 283-284). Their losses and
-        # load are masked below either way.
-        masked = real is not None and self.cfg.top_k == 1 and self.cfg.drop_tokens
+        # used_token keeps the fillers and pads out of dispatch where capacity drops tokens (top-2 through
+        # MaskedTopKGate). With drop_tokens=false nothing is dropped, so they cost slots but change no
+        # result (and top1gating would then size topk by a float count: moe/sharded_moe.py 241-259,
+        # 283-284). Their losses and load are masked below either way.
+        masked = real is not None and self.cfg.drop_tokens
         out, _, _ = self.moe(routed, used_token=real if masked else None)
         # DeepSpeed's l_aux averages over every token handed to it, pads included, so the losses are
         # recomputed from the router's logits over the real tokens: a (tokens x hidden) x (hidden x
