@@ -338,5 +338,8 @@ def train(cfg: Config, resume: bool = False, stop: StopRequest | None = None) ->
         if s.world.is_main:
             save_loss_plot(RunDir(s.cfg.run.dir).root)
             RunDir(s.cfg.run.dir).mark_done(last)
+    elif s.world.is_main:
+        print(f"stopped at step {last} of {steps} (train.exit_interval={exit_interval}) with a checkpoint there; "
+              "continue with --resume (or --auto-resume)", flush=True)
     shutdown()
     return summary

@@ -103,3 +103,16 @@ def test_zero3_resume_onto_another_rank_count_is_refused(reference_run, dm_data)
                            f"--data.shards={dm_data['shards']}", "--resume", "--parallel.zero_stage=3")
     assert_one_clear_line(result, "written by 2 ranks with ZeRO-3", "on 1 ranks")
     assert tree_digest(reference_run) == before
+
+
+def test_a_pretrained_folder_without_its_weights(dm_data, reference_run, tmp_path):
+    import shutil
+
+    folder = tmp_path / "hf"
+    shutil.copytree(reference_run / "checkpoints" / "step_8" / "hf", folder)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    result = run_megatrain("train", SMOKE, "--nproc", 2, f"--run.dir={tmp_path / 'run'}",
+                           f"--data.shards={dm_data['shards']}", f"--model.from_pretrained={folder}")
+    assert_one_clear_line(result, f"model.from_pretrained={folder}", "no weights there")
+    assert not (tmp_path / "run").exists()

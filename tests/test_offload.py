@@ -51,3 +51,13 @@ def test_budget_without_an_offload_folder_on_cpu(reference_run):
     result = run_megatrain("generate", reference_run / "checkpoints" / "step_8", "Solve 3*x = 9 for x.",
                            "--max-memory", "100KB")
     assert_one_clear_line(result, "--offload-folder")
+
+
+def test_a_budget_that_is_not_a_size(tmp_path):
+    import pytest
+
+    from megatrain.errors import MegatrainError
+
+    for value in ("lots", "12", "0GB"):  # accelerate wants a unit, and nothing fits in 0 bytes
+        with pytest.raises(MegatrainError, match=f"--max-memory {value}: not a size"):
+            offload_placement(value, str(tmp_path), "cpu")

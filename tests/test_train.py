@@ -87,7 +87,8 @@ def test_bf16_runs_and_learns(train_smoke, reference_run, tmp_path):
 def test_resume_continues_exactly(train_smoke, reference_run, tmp_path):
     run = tmp_path / "run"
     # Stop after 3 steps (between checkpoint intervals), then resume to 8 with the same schedule.
-    train_smoke(run, "--train.exit_interval=3")
+    stopped = train_smoke(run, "--train.exit_interval=3")
+    assert "stopped at step 3 of 8 (train.exit_interval=3)" in stopped.stdout, stopped.stdout[-2000:]
     assert (run / "checkpoints" / "latest").read_text() == "step_3"
     assert not (run / "eval.json").exists()
     train_smoke(run, "--resume")

@@ -9,6 +9,8 @@ folder. Parallelism is applied afterwards (megatrain/parallel/parallelize.py), Z
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,7 +127,19 @@ class ModelFamily:
         if not (folder / "config.json").is_file():
             raise ConfigError(f"model.from_pretrained={folder}: no config.json there; give a folder written by "
                               "save_pretrained (a checkpoint's hf/ folder, or a downloaded model)")
-        if not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")) and not cfg.allow_bin_weights:
+        safetensors, bins = sorted(folder.glob("*.safetensors")), sorted(folder.glob("*.bin"))
+        if not safetensors and not bins:
+            raise ConfigError(f"model.from_pretrained={folder}: config.json but no weights there (model.safetensors, "
+                              "or model-*.safetensors with model.safetensors.index.json); copy the whole folder "
+                              "save_pretrained wrote")
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            missing = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values())
+                             - {f.name for f in safetensors})
+            if missing:
+                raise ConfigError(f"model.from_pretrained={folder}: {index.name} lists {len(missing)} weight file(s) "
+                                  f"missing there ({', '.join(missing[:3])}); copy the whole folder")
+        if not safetensors and bins and not cfg.allow_bin_weights:
             raise ConfigError(f"model.from_pretrained={folder} has its weights only as .bin files, which are pickles "
                               "that can run code when loaded; convert them to safetensors, or set "
                               "model.allow_bin_weights=true if you trust the folder")

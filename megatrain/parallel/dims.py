@@ -26,8 +26,11 @@ from megatrain.errors import ConfigError
 from megatrain.heartbeat import nccl_fault_env
 from megatrain.parallel import host
 
-# DeepSpeed 0.19.8 calls this deprecated torch collective itself; the warning is not the user's to act on.
-warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated", category=FutureWarning)
+# DeepSpeed 0.19.8 calls these deprecated torch collectives itself (ZeRO-3: at every gather and reduce, and
+# the warning registry is reset whenever a filter changes, so it came back hundreds of times a run); the
+# warning is not the user's to act on.
+warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor). is deprecated",
+                        category=FutureWarning)
 
 # DeepSpeed picks its accelerator at import; say which one so it does not guess (and warn) on CPU.
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
