@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -175,7 +174,33 @@ def test_a_dead_rank_requeues_the_job_and_it_resumes(slurm_cluster, dm_data, tmp
     assert restarted[0]["step"] in (51, 101)  # from the last checkpoint before the kill
 
 
-@pytest.mark.parametrize("num_workers", [1, 2])
+def test_a_job_whose_every_task_is_killed_is_requeued_by_its_batch_script(slurm_cluster, tmp_path):
+    """No rank is left to requeue when every task dies by a signal: the teardown line `megatrain submit`
+    puts after srun reads srun's exit status (137) and requeues the job; its next attempt runs. A job
+    of plain tasks, so the test is about the batch script, not about training (the resume after a requeue
+    is the test above's)."""
+    from megatrain.launch.slurm import Resources
+
+    teardown = Resources(tasks_per_node=2).sbatch_parameters("killed")["teardown"]
+    script = tmp_path / "job.sh"
+    script.write_text("\n".join([
+        "#!/bin/bash", "#SBATCH --ntasks=2", f"#SBATCH --output={tmp_path}/%j.out", f"#SBATCH --error={tmp_path}/%j.err",
+        "#SBATCH --open-mode=append",
+        # The first attempt's tasks are killed; the requeued attempt's (SLURM_RESTART_COUNT=1) finish.
+        """if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then srun bash -c 'kill -KILL $$'; else srun true; fi""",
+        *teardown, ""]))
+    submitted = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=JOB_ENV,
+                               cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    wait_for(lambda: sacct_history(job)[-1:] == ["COMPLETED"], 180, f"job {job} to complete after its requeue")
+    assert "REQUEUED" in sacct_history(job)
+    log = (tmp_path / f"{job}.err").read_text()
+    assert (f"the job step ended by SIGKILL (srun exit status 137) and no rank requeued the job: "
+            f"scontrol requeue {job}: requeued") in log, log[-3000:]
+
+
+@pytest.mark.parametrize("num_workers", [2])  # 1 worker takes the same path
 def test_sigterm_with_dataloader_workers_requeues_and_resumes(slurm_cluster, dm_data, tmp_path, deepspeed_ops,
                                                                num_workers):
     """`scancel --signal=TERM`: SLURM signals every process of the step, DataLoader workers included

@@ -7,6 +7,11 @@ checkpoint. Rank 0 then hands over to submitit's own handler, which calls `check
 callable, unchanged: the run folder holds the state), re-pickles it and runs `scontrol requeue`.
 The requeued job resumes from `checkpoints/latest` by itself.
 
+A rank that dies or hangs makes the others exit 3 after they requeue the job (heartbeat.py). Where
+no rank is left to do it (every task killed: the OOM killer, NCCL's watchdog abort under a user's
+TORCH_NCCL_ASYNC_ERROR_HANDLING=3), the batch script does, after srun returns: `after_step`, run as
+submitit's teardown, reads srun's exit status.
+
 Every check on the user's input (config, world size, data, run folder, sbatch, partition) runs
 before anything is written or submitted.
 """
@@ -17,6 +22,7 @@ import functools
 import itertools
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -69,7 +75,10 @@ class Resources:
     def sbatch_parameters(self, job_name: str) -> dict:
         """Parameters of submitit's SlurmExecutor (the sbatch flags) for these resources."""
         params = {"job_name": job_name, "nodes": self.nodes, "ntasks_per_node": self.ranks_per_node,
-                  "time": self.time_min, "signal_delay_s": self.signal_delay_s}
+                  "time": self.time_min, "signal_delay_s": self.signal_delay_s,
+                  # The first line after srun in the batch script: $? is srun's exit status.
+                  "teardown": [f"{shlex.quote(sys.executable)} -m megatrain.launch.slurm after-step $? "
+                               "$SLURM_JOB_ID"]}
         optional = {"gpus_per_node": self.gpus_per_node or None, "cpus_per_task": self.cpus_per_task,
                     "partition": self.partition, "account": self.account, "qos": self.qos,
                     "constraint": self.constraint, "mem": self.mem}
@@ -137,6 +146,28 @@ def requeue_after_lost_rank(rank: int) -> None:
     job = submitit.JobEnvironment().job_id
     done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     print(f"rank {rank}: scontrol requeue {job}: {(done.stderr or 'requeued').strip()}", file=sys.stderr, flush=True)
+
+
+KILLED_BY = {128 + s: s.name for s in (signal.SIGABRT, signal.SIGBUS, signal.SIGKILL, signal.SIGSEGV)}
+"""srun's exit status when a task ended by one of these signals (srun(1): 128 + the signal): a rank that
+crashed or was killed, not one that stopped on purpose (exit 2 for bad input, 143 for a job SLURM
+is ending)."""
+
+
+def after_step(step_status: int, job_id: str) -> int:
+    """The batch script's last step (submitit's teardown), after srun returned `step_status`.
+
+    If a task was killed by a signal and the job is still RUNNING, no rank requeued it (a requeue or
+    a cancel has changed its state by then): `scontrol requeue`, and the requeued job resumes from
+    the latest checkpoint. SLURM's MaxBatchRequeue (5 by default) caps a loop of crashing attempts.
+    Returns the step's status, for the batch script to exit with.
+    """
+    if step_status in KILLED_BY and _job_state(job_id) == "RUNNING":
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+        print(f"the job step ended by {KILLED_BY[step_status]} (srun exit status {step_status}) and no rank "
+              f"requeued the job: scontrol requeue {job_id}: {(done.stderr or 'requeued').strip()}",
+              file=sys.stderr, flush=True)
+    return step_status
 
 
 def _job_state(job_id: str) -> str | None:
@@ -294,3 +325,9 @@ def submit(config: str, overrides: list[str], res: Resources, sweeps: list[str] 
         print(f"  {job.job_id}  {cfg.run.dir}\n    log:    {job.paths.stdout}\n    errors: {job.paths.stderr}\n"
               f"    follow: tail -f {job.paths.stdout}   |   megatrain status {cfg.run.dir}", file=out)
     return jobs
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["after-step"] or len(sys.argv) != 4:
+        sys.exit("usage: python -m megatrain.launch.slurm after-step STEP_STATUS JOB_ID")
+    sys.exit(after_step(int(sys.argv[2]), sys.argv[3]))
