@@ -15,6 +15,9 @@ def _train(args, overrides: list[str]) -> int:
     from megatrain.train import preflight, train
 
     cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(resolved_config(cfg, args.nproc), end="")
+        return 0
     if args.auto_resume:
         from megatrain.run_dir import RunDir
         args.resume = RunDir(cfg.run.dir).has_checkpoint()
@@ -42,6 +45,37 @@ def _train(args, overrides: list[str]) -> int:
         print(format_report(summary))
         print(json.dumps({"n": summary["n"], **{k: summary[k] for k in HEADLINE}}))
     return 0
+
+
+def resolved_config(cfg, world_size: int) -> str:
+    """What `train --print-config` prints: the resolved config as YAML, then, as a second YAML document,
+    what it derives on `world_size` ranks (precision, batch plan, the DeepSpeed JSON). Starts no process
+    group and writes no file; the checks that need the data or the run folder wait for the run."""
+    import dataclasses
+    import textwrap
+
+    import yaml
+
+    from megatrain import precision
+    from megatrain.config import batch_plan, to_dict, validate
+    from megatrain.parallel.dims import device_type
+    from megatrain.parallel.zero import deepspeed_config
+
+    dims = validate(cfg, world_size)
+    plan = batch_plan(cfg, dims)
+    # `auto` as this machine's ranks would resolve it (a run's ranks also agree with each other).
+    choice = precision.choose(cfg.precision, device_type(), cfg.parallel.zero_stage)
+    ds = deepspeed_config(dataclasses.replace(cfg, precision=choice.precision), dims)
+    derived = {"world_size": world_size, "precision": choice.precision, "precision_reason": choice.reason,
+               "batch_plan": {"micro_batch_size": plan.micro_batch_size, "accumulation_steps": plan.accumulation,
+                              "data_parallel_ranks": plan.dp, "global_batch_size": plan.global_batch_size,
+                              "tp_degree": dims.tp, "ep_degree": dims.ep}}
+    return ("# resolved config: defaults < CONFIG < command-line overrides\n"
+            + yaml.safe_dump(to_dict(cfg), sort_keys=False)
+            + f"---\n# derived on {world_size} rank(s) (--nproc); not config keys\n"
+            + yaml.safe_dump(derived, sort_keys=False)
+            + "# the DeepSpeed JSON (megatrain/parallel/zero.py deepspeed_config)\n"
+            + "deepspeed_config:\n" + textwrap.indent(json.dumps(ds, indent=2), "  ") + "\n")
 
 
 def _load(args):
@@ -121,6 +155,32 @@ def _export(args, overrides: list[str]) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- plan (megatrain/plan.py)
+
+def _plan(args, overrides: list[str]) -> int:
+    from megatrain.plan import Cluster, format_plan, run
+
+    cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.gpu)
+    result = run(args.config, overrides, cluster, args.mfu, args.vocab_size)
+    print(json.dumps(result) if args.json else format_plan(result))
+    return 0
+
+
+def _add_plan_command(sub) -> None:
+    pl = sub.add_parser("plan", help="per-GPU memory, fit and cost of CONFIG on a cluster, from the model built on the "
+                                     "meta device (no GPU, no weights); --section.key=value overrides it")
+    pl.add_argument("config")
+    pl.add_argument("--nodes", type=int, required=True)
+    pl.add_argument("--gpus-per-node", type=int, required=True)
+    pl.add_argument("--gpu-memory-gb", type=float, required=True, help="memory of one GPU, GiB (A100-40GB: 40)")
+    pl.add_argument("--gpu", default="A100", help="peak-FLOPs table entry for the time estimate (A100, H100, ...)")
+    pl.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization (default 0.4)")
+    pl.add_argument("--vocab-size", type=int, default=None,
+                    help="vocabulary to size the model with when neither model.from_pretrained nor the data is here")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(run=_plan)
+
+
 # ----------------------------------------------------------------------------- SLURM (megatrain/launch/slurm.py)
 
 def _submit(args, overrides: list[str]) -> int:
@@ -170,18 +230,40 @@ def _add_slurm_commands(sub) -> None:
     st.set_defaults(run=_status)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help may end with text made only when help is printed: train's lists every
+    config key, which needs megatrain.config and so torch, seconds of import no other command should pay."""
+
+    def __init__(self, *args, help_suffix=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.help_suffix = help_suffix
+
+    def format_help(self) -> str:
+        return super().format_help() + ("\n" + self.help_suffix() if self.help_suffix else "")
+
+
+def _config_keys_help() -> str:
+    from megatrain.config import help_text
+
+    return help_text()
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatrain", description=__doc__)
     # The deepspeed launcher passes --local_rank=N (before our arguments); LOCAL_RANK in the
     # environment says the same, so it is accepted and ignored.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train from a YAML recipe; --section.key=value overrides it")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    t = sub.add_parser("train", help="train from a YAML recipe; --section.key=value overrides it",
+                       help_suffix=_config_keys_help)
     t.add_argument("config")
     t.add_argument("--nproc", type=int, default=1, help="start this many local ranks (no launcher needed)")
     t.add_argument("--resume", action="store_true", help="continue from <run.dir>/checkpoints/latest")
     t.add_argument("--auto-resume", action="store_true",
                    help="resume when the run folder has a checkpoint, else start fresh (for requeued jobs)")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config and what it derives on --nproc ranks (batch plan, DeepSpeed "
+                        "JSON), then exit without starting anything")
     t.set_defaults(run=_train)
     e = sub.add_parser("eval", help="exact match of a checkpoint on its eval split")
     e.add_argument("checkpoint", help="checkpoints/step_<N>, or a run folder (its latest checkpoint)")
@@ -207,6 +289,7 @@ def parser() -> argparse.ArgumentParser:
                         "each holds one rank's optimizer file in memory")
     x.set_defaults(run=_export)
     _add_slurm_commands(sub)
+    _add_plan_command(sub)
     return p
 
 

@@ -7,10 +7,15 @@ sections or need the world size live in `validate()`, and nowhere else.
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
+import functools
+import inspect
 import math
 import os
 import sys
+import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +30,8 @@ from megatrain.parallel.dims import BatchPlan, ParallelDims
 
 @dataclass
 class RunConfig:
+    """Where the run writes, and its seed."""
+
     dir: str = "runs/default"
     """Run folder: config.yaml, metrics.jsonl, TensorBoard events and checkpoints/ go here."""
     seed: int = 1234
@@ -40,6 +47,7 @@ class MoEConfig:
     """
 
     num_experts: int = 8
+    """Experts in each MoE layer; parallel.ep_degree must divide it."""
     every: int = 2
     """An MoE feed-forward in every N-th decoder layer (layers N, 2N, ...), a dense one elsewhere; 1 = all."""
     top_k: int = 1
@@ -49,6 +57,7 @@ class MoEConfig:
     capacity_factor: float = 1.25
     """Tokens an expert takes per micro-batch in training: capacity_factor x tokens x top_k / num_experts."""
     eval_capacity_factor: float = 2.0
+    """capacity_factor in eval and generation (the model not in training mode): more room, fewer tokens dropped."""
     min_capacity: int = 4
     """An expert's capacity never falls below this many tokens."""
     jitter: bool = True
@@ -88,15 +97,24 @@ class ModelConfig:
     the encoder, answer from the decoder. switch_t5: transformers' Switch Transformers (T5 with experts).
     dropless_moe: the moe model under ZeRO-3, experts sharded by DeepSpeed AutoEP, no token dropped."""
     hidden_size: int = 256
+    """Model width: the embedding and residual stream size; must divide by num_heads."""
     num_layers: int = 4
+    """Decoder layers (t5, switch_t5: encoder layers, and as many decoder layers)."""
     num_heads: int = 4
+    """Attention heads per layer."""
     num_kv_heads: int = 0
     """Key/value heads for grouped-query attention; 0 means num_heads (plain multi-head)."""
     intermediate_size: int = 688
+    """Hidden width of the dense feed-forward layers (SwiGLU in llama and moe, gated GELU in t5)."""
     max_seq_len: int = 128
+    """Longest sequence in tokens (the model's max_position_embeddings): a longer question loses its
+    oldest tokens, never the answer; pretraining rows (data.sources) are packed to this length."""
     rope_theta: float = 10000.0
+    """Base of the rotary position embedding's frequencies (llama, moe, dropless_moe)."""
     tie_embeddings: bool = True
+    """Share one matrix between the input embedding and the output (LM head) projection."""
     init_std: float = 0.02
+    """Standard deviation of the normal weight init of a model built from scratch (HF initializer_range)."""
     attention: str = "auto"
     """auto | sdpa | flash_attention_2 | eager. auto takes flash-attn on a GPU when it imports."""
     from_pretrained: str = ""
@@ -130,6 +148,8 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
+    """What the run trains on: question/answer shards, or a pretraining mixture of sources."""
+
     shards: str = "data/linear1d/shards"
     """Question/answer shards from `megatrain-data deepmind shards`; used when `sources` is empty."""
     sources: dict[str, SourceConfig] = field(default_factory=dict)
@@ -161,6 +181,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """Length of the run, batch sizes, clipping, and when to stop early."""
+
     steps: int = 1000
     """Optimizer steps to train for (each is one global batch)."""
     micro_batch_size: int = 32
@@ -176,6 +198,7 @@ class TrainConfig:
     """A step whose loss or gradient norm is not finite is skipped (no update, on every rank); more
     than this many skipped within skip_window steps stops the run with a checkpoint (megatrain/guard.py)."""
     skip_window: int = 100
+    """The sliding window, in steps, over which skipped (non-finite) steps are counted against max_skipped_steps."""
 
     def __post_init__(self):
         if self.max_skipped_steps < 0 or self.skip_window < 1:
@@ -185,16 +208,24 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW (torch's, or DeepSpeedCPUAdam under parallel.offload_optimizer) and its LR schedule."""
+
     lr: float = 1e-3
+    """Peak learning rate, reached at the end of warmup."""
     min_lr_ratio: float = 1 / 30
     """Final LR as a fraction of lr (LLEMMA: cosine to 1/30)."""
     schedule: str = "cosine"
     """cosine (warmup then cosine to min_lr_ratio) | linear (warmup then linear to min_lr_ratio) | constant."""
     warmup_steps: int = 100
+    """Steps of linear warmup from lr/warmup_steps to lr; at most train.steps; 0 starts at lr."""
     weight_decay: float = 0.1
+    """AdamW's decoupled weight decay, on matrices only (biases and norm weights get none)."""
     beta1: float = 0.9
+    """AdamW's decay rate of the gradient's running mean."""
     beta2: float = 0.95
+    """AdamW's decay rate of the squared gradient's running mean."""
     eps: float = 1e-8
+    """AdamW's epsilon, added to the denominator for numerical stability."""
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "linear", "constant"):
@@ -205,6 +236,8 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
+    """How the model is split over the ranks: ZeRO stage, tensor and expert parallelism, offload."""
+
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0-3, passed through deepspeed_config()."""
     tp_degree: int = 1
@@ -232,6 +265,8 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
+    """When checkpoints are written, how many are kept, and which carry a Hugging Face export."""
+
     interval: int = 100
     """Save every this many steps (and at the last step); 0 saves only at the end."""
     keep_last: int = 3
@@ -264,28 +299,37 @@ class EvalConfig:
     """DeepMind modules that eval scores, each on its own (a table per module) and overall. On the
     command line: --eval.modules=a,b."""
     split: str = "interpolate"
+    """Split folder of eval.released that eval scores (interpolate; the DeepMind release also has extrapolate)."""
     interval: int = 0
     """Run the evaluator every this many steps during training; 0 only at the end."""
     limit: int = 200
     """Problems scored by in-training evals (the final eval uses final_limit)."""
     final_limit: int = 1000
+    """Problems per module scored by the end-of-run eval (and by `megatrain eval` without --limit); 0 skips it."""
     batch_size: int = 64
+    """Questions per rank in one generation batch of an eval."""
     max_new_tokens: int = 24
+    """Longest answer generated, in tokens (eval and `megatrain generate`)."""
     examples: int = 3
     """Held-out questions per module that the final eval prints beside the model's answers."""
 
 
 @dataclass
 class LogConfig:
+    """Metrics written during training (rank 0)."""
+
     interval: int = 10
     """Write a metrics.jsonl line every this many steps."""
     tensorboard: bool = True
+    """Also write the metrics as TensorBoard events, in the tensorboard/ folder of run.dir."""
     progress: bool = True
     """tqdm bar on rank 0."""
 
 
 @dataclass
 class Config:
+    """The whole run: one section per concern, plus the precision."""
+
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -515,3 +559,144 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
     if not math.isfinite(cfg.optim.lr) or cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr}: must be a positive number")
     return dims
+
+
+# ----------------------------------------------------------------------------- documentation
+# The field docstrings above are the one source of every key's documentation: `megatrain train --help`,
+# docs/config.md (`python -m megatrain.config --markdown`) and tests/test_config_docs.py all read them.
+
+MARKDOWN_COMMAND = "python -m megatrain.config --markdown > docs/config.md"
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One dotted config key as `megatrain train --help` and docs/config.md show it."""
+
+    key: str
+    """Dotted, as on the command line: model.moe.top_k (data.sources.<name>.path for a mapping's items)."""
+    type: str
+    """int, float, bool, str, list[str] or mapping."""
+    default: str
+    """The default as a YAML file or --key= would spell it."""
+    doc: str
+    """The field's docstring on one line; empty when the field has none (a test refuses that)."""
+
+
+@dataclass(frozen=True)
+class SectionDoc:
+    """One section of the config tree and the keys directly in it."""
+
+    name: str
+    """Dotted prefix: "" for the top level, model, model.moe, data.sources.<name>, ..."""
+    doc: str
+    """The section class's docstring and, for a nested section, its field's docstring (paragraphs kept)."""
+    keys: list[KeyDoc]
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass (the string literal right after a field), by field name,
+    each on one line. Python keeps no such docstring at runtime, so they are read from the source."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source to read (e.g. a frozen executable): keys stay undocumented
+        return {}
+    body = ast.parse(source).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _class_doc(cls: type) -> str:
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    return "" if doc.startswith(f"{cls.__name__}(") else doc  # dataclass's generated signature is no doc
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is dict:
+        return "mapping"
+    return str(tp) if typing.get_origin(tp) else tp.__name__  # list[str] spells itself; int does not
+
+
+def _yaml_value(value: Any) -> str:
+    """`value` as one line of YAML, the way a recipe or `--key=` spells it."""
+    return yaml.safe_dump(value, default_flow_style=True, width=math.inf).strip().removesuffix("...").strip()
+
+
+def config_sections(cls: type = Config, name: str = "", doc: str = "") -> list[SectionDoc]:
+    """Every section of the config tree, depth first in field order, with its keys and their docs.
+
+    Args:
+        cls: the section's dataclass; Config for the whole tree.
+        name: its dotted prefix ("" for the top level).
+        doc: the docstring of the field that holds it, shown after the class's own.
+    """
+    hints, docs, defaults = typing.get_type_hints(cls), field_docs(cls), cls()
+    keys, nested = [], []
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{name}.{f.name}" if name else f.name
+        if dataclasses.is_dataclass(tp):
+            nested += config_sections(tp, key, docs.get(f.name, ""))
+            continue
+        keys.append(KeyDoc(key, _type_name(tp), _yaml_value(getattr(defaults, f.name)), docs.get(f.name, "")))
+        if typing.get_origin(tp) is dict:  # name -> section (data.sources): document the items' keys too
+            nested += config_sections(typing.get_args(tp)[1], f"{key}.<name>")
+    intro = "\n\n".join(part for part in (_class_doc(cls), doc) if part)
+    return [SectionDoc(name, intro, keys), *nested]
+
+
+def config_keys() -> list[KeyDoc]:
+    """Every dotted key of the config tree, in the order docs/config.md lists them."""
+    return [key for section in config_sections() for key in section.keys]
+
+
+def help_text(width: int = 100) -> str:
+    """The key listing that ends `megatrain train --help`."""
+    lines = ["config keys (set them in CONFIG, or override with --KEY=VALUE; the same list is in "
+             "docs/config.md):"]
+    for k in config_keys():
+        lines.append(f"  {k.key} ({k.type}, default {k.default})")
+        lines += textwrap.wrap(k.doc, width, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                               break_on_hyphens=False)  # keeps Switch-style, `megatrain-data` whole
+    return "\n".join(lines) + "\n"
+
+
+def markdown() -> str:
+    """docs/config.md: every section and key, with type, default and doc."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    out = [f"<!-- Generated from the field docstrings in megatrain/config.py by `{MARKDOWN_COMMAND}`;",
+           "     edit those docstrings, not this file. tests/test_config_docs.py checks it is current. -->",
+           "# Config keys", "",
+           "Every key of megatrain's config tree (megatrain/config.py). A value comes from the defaults below, "
+           "then the YAML recipe, then `--section.key=value` on the command line, each overriding the one before; "
+           "an unknown key or a value of the wrong type stops with one line naming it. "
+           "`megatrain train CONFIG [--KEY=VALUE ...] --print-config` prints the resolved config with what it "
+           "derives (batch plan, DeepSpeed JSON); `megatrain train --help` lists these keys too.", ""]
+    for section in config_sections():
+        if not section.keys:  # a level holding only sections has no table of its own
+            continue
+        out += [f"## `{section.name}`" if section.name else "## Top level", ""]
+        if section.doc:
+            out += [section.doc, ""]
+        out += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        out += [f"| `{k.key}` | {k.type} | `{cell(k.default)}` | {cell(k.doc)} |" for k in section.keys]
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m megatrain.config",
+                                description="Print every config key with its type, default and doc.")
+    p.add_argument("--markdown", action="store_true", help=f"as docs/config.md ({MARKDOWN_COMMAND})")
+    args = p.parse_args(argv)
+    print(markdown() if args.markdown else help_text(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

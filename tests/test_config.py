@@ -14,10 +14,13 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("**/*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_recipe_loads_and_validates(path):
+    """On the smallest world of at least 2 data-parallel ranks that the recipe's TP and EP degrees divide."""
     cfg = load_config(path)
-    validate(cfg, world_size=2)
-    ds = deepspeed_config(cfg, ParallelDims(2))
-    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
+    tp, ep = cfg.parallel.tp_degree, cfg.parallel.ep_degree
+    dp = max(2, ep)
+    validate(cfg, world_size=tp * dp)
+    ds = deepspeed_config(cfg, ParallelDims(tp * dp, tp, ep))
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * dp
 
 
 def test_required_key_names_exist():
