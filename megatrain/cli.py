@@ -1,4 +1,4 @@
-"""`megatrain train | eval | generate | export | submit | status`."""
+"""`megatrain train | eval | generate | export | plan | submit | status`."""
 
 from __future__ import annotations
 
