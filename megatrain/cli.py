@@ -243,7 +243,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _config_keys_help() -> str:
-    from megatrain.config import help_text
+    from megatrain.config_docs import help_text
 
     return help_text()
 

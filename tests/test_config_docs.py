@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from megatrain import cli
-from megatrain.config import MARKDOWN_COMMAND, Config, config_keys, load_config, to_dict
+from megatrain.config import Config, load_config, to_dict
+from megatrain.config_docs import MARKDOWN_COMMAND, config_keys
 from megatrain.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
