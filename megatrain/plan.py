@@ -124,10 +124,11 @@ def is_expert(name: str) -> bool:
 
 
 def count_params(model: torch.nn.Module, cfg: Config, dims: ParallelDims, persistence_threshold: int) -> ParamCounts:
-    """Totals, and what one rank holds once AutoTP splits the family's tp_plan modules and the LM head
-    (by vocabulary rows, tied or not) and expert parallelism splits the experts."""
-    fam = family(cfg.model.family)
-    tp_patterns = [f"*{pattern}" for pattern in (fam.tp_plan or {})]
+    """Totals, and what one rank holds once AutoTP splits the modules of the model's tensor-parallel plan
+    (transformers' base_model_tp_plan) and the LM head (by vocabulary rows, tied or not) and expert
+    parallelism splits the experts."""
+    plan = model.config.base_model_tp_plan if family(cfg.model.family).supports_tp else None
+    tp_patterns = [f"*{pattern}" for pattern in (plan or {})]
     head = model.get_output_embeddings()
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
     seen: set[int] = set()

@@ -18,10 +18,8 @@ def save_loss_plot(run_dir: Path) -> Path | None:
     Returns:
         The PNG's path, or None when the run has logged no loss yet.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on cluster nodes
-    import matplotlib.pyplot as plt
+    # A Figure of its own draws with Agg: no display on cluster nodes, and no pyplot state to import.
+    from matplotlib.figure import Figure
 
     run = RunDir(run_dir)
     metrics = run.metrics
@@ -34,7 +32,8 @@ def save_loss_plot(run_dir: Path) -> Path | None:
                     series.setdefault(key, {})[record["step"]] = value
     if "loss" not in series:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    ax = fig.subplots()
     for key in ["loss", *sorted(k for k in series if k != "loss")]:
         steps = sorted(series[key])
         ax.plot(steps, [series[key][s] for s in steps], label="total" if key == "loss" else key[len("loss/"):],
@@ -48,5 +47,4 @@ def save_loss_plot(run_dir: Path) -> Path | None:
     fig.tight_layout()
     with atomic_binary_file(run.loss_plot) as file:
         fig.savefig(file, format="png")
-    plt.close(fig)
     return run.loss_plot

@@ -9,6 +9,7 @@ folder. Parallelism is applied afterwards (megatrain/parallel/parallelize.py), Z
 
 from __future__ import annotations
 
+import importlib
 import json
 
 from dataclasses import dataclass, field
@@ -49,8 +50,9 @@ class ModelFamily:
     name: str = ""
     shape_fields: tuple[str, ...] = ()
     """ModelConfig fields that fix parameter shapes: a checkpoint with other values cannot be loaded."""
-    tp_plan: dict[str, str] | None = None
-    """Module name patterns -> how AutoTP splits them (colwise / rowwise); None: no tensor parallelism."""
+    supports_tp: bool = False
+    """The model carries a tensor-parallel plan (transformers' `base_model_tp_plan`: module name patterns ->
+    colwise / rowwise) that DeepSpeed's AutoTP applies; False: no tensor parallelism."""
     task: str = "causal_lm"
     """How a question/answer pair becomes a batch: `causal_lm` (`<bos> question <sep> answer <eos>` in one
     row, loss on the answer) or `seq2seq` (question to the encoder, answer as the decoder's labels)."""
@@ -175,7 +177,7 @@ class ModelFamily:
 
     def check_tp(self, cfg, vocab_size: int, tp_degree: int) -> None:
         """Refuse, with one line, a tp_degree this model cannot be split by."""
-        if tp_degree > 1 and self.tp_plan is None:
+        if tp_degree > 1 and not self.supports_tp:
             raise ConfigError(f"parallel.tp_degree={tp_degree}: model.family={self.name} has no tensor-parallel "
                               "plan; train it with parallel.tp_degree=1 (ZeRO shards it instead)")
 
@@ -208,18 +210,23 @@ def num_params(model: torch.nn.Module, exclude_embeddings: bool = True) -> int:
     return n
 
 
-def families() -> dict[str, ModelFamily]:
-    from megatrain.model.dropless_moe import DroplessMoEFamily
-    from megatrain.model.llama import LlamaFamily
-    from megatrain.model.moe import MoEFamily
-    from megatrain.model.switch_t5 import SwitchT5Family
-    from megatrain.model.t5 import T5Family
+FAMILIES = {
+    "llama": "megatrain.model.llama:LlamaFamily",
+    "moe": "megatrain.model.moe:MoEFamily",
+    "dropless_moe": "megatrain.model.dropless_moe:DroplessMoEFamily",
+    "t5": "megatrain.model.t5:T5Family",
+    "switch_t5": "megatrain.model.switch_t5:SwitchT5Family",
+}
+"""name -> "module:class". Imported on first use: each family pulls its transformers modeling code, and the
+MoE ones (Qwen3-MoE) take seconds to import, which every rank of every run would pay for nothing."""
 
-    return {f.name: f for f in (LlamaFamily(), MoEFamily(), DroplessMoEFamily(), T5Family(), SwitchT5Family())}
+
+def families() -> dict[str, ModelFamily]:
+    return {name: family(name) for name in FAMILIES}
 
 
 def family(name: str) -> ModelFamily:
-    known = families()
-    if name not in known:
-        raise ConfigError(f"model.family={name!r}: known families are {', '.join(sorted(known))}")
-    return known[name]
+    if name not in FAMILIES:
+        raise ConfigError(f"model.family={name!r}: known families are {', '.join(sorted(FAMILIES))}")
+    module, cls = FAMILIES[name].split(":")
+    return getattr(importlib.import_module(module), cls)()

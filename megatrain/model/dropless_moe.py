@@ -17,13 +17,17 @@ JSON section, and the HF export of experts that sit on several ranks.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformers import Qwen3MoeForCausalLM
 
 from megatrain.errors import ConfigError
 from megatrain.model import ModelFamily, ModelOutput, TokenIds, num_params
 from megatrain.model.llama import flops_per_token
 from megatrain.model.moe import MoEFamily, routing_losses
+
+if TYPE_CHECKING:  # imported where used (see megatrain/model/llama.py)
+    from transformers import Qwen3MoeForCausalLM
 
 
 def _allow_autoep_registry_lookups() -> None:

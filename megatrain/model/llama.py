@@ -10,12 +10,18 @@ import importlib.util
 import logging
 import warnings
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from megatrain.config import ModelConfig
 from megatrain.errors import ConfigError
 from megatrain.model import ModelFamily, TokenIds, num_params
+
+# transformers' model classes are imported where a model is built: importing them takes ~6 s of CPU,
+# which `train --nproc N` would pay once more in the launcher, whose preflight only runs the family's checks.
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,8 @@ def pick_attention(requested: str, device_type: str) -> str:
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int) -> LlamaConfig:
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
@@ -56,6 +64,8 @@ def hf_config(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_i
 def build_model(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int,
                 device_type: str = "cpu") -> LlamaForCausalLM:
     """A fresh (or `cfg.from_pretrained`) LlamaForCausalLM in fp32; the engine casts for bf16."""
+    from transformers import LlamaForCausalLM
+
     attn = pick_attention(cfg.attention, device_type)
     if cfg.from_pretrained:
         return LlamaForCausalLM.from_pretrained(cfg.from_pretrained, attn_implementation=attn,
@@ -76,12 +86,14 @@ class LlamaFamily(ModelFamily):
     shape_fields = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "tie_embeddings")
     # transformers' own plan (q/k/v/gate/up column-wise, o/down row-wise), which DeepSpeed's AutoTP
     # applies when the model carries it (engine._apply_autotp_partitioning: HF tp_plan).
-    tp_plan = dict(LlamaConfig.base_model_tp_plan)
+    supports_tp = True
 
     def build(self, cfg: ModelConfig, ids: TokenIds, device_type: str = "cpu") -> LlamaForCausalLM:
         return build_model(cfg, ids.vocab_size, ids.pad_id, ids.bos_id, ids.eos_id, device_type)
 
     def load_hf(self, path, device_type: str = "cpu", **placement) -> LlamaForCausalLM:
+        from transformers import LlamaForCausalLM
+
         return LlamaForCausalLM.from_pretrained(path, attn_implementation=pick_attention("auto", device_type),
                                                 dtype=torch.float32, **placement)
 

@@ -14,15 +14,19 @@ renormalizes the two (norm_topk_prob=True).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
-from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from megatrain.config import ModelConfig, MoEConfig
 from megatrain.errors import ConfigError
 from megatrain.model import ModelFamily, ModelOutput, TokenIds, num_params
 from megatrain.model.llama import LlamaFamily, flops_per_token, pick_attention
+
+if TYPE_CHECKING:  # imported where used (see megatrain/model/llama.py)
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 
 class SwiGLUExpert(torch.nn.Module):
@@ -194,6 +198,8 @@ def replace_sparse_blocks(model: Qwen3MoeForCausalLM, moe: MoEConfig, ep_size: i
                           ep_rank: int = 0) -> Qwen3MoeForCausalLM:
     """Swap every HF sparse block (or an already swapped layer) for a SwitchFeedForward holding this
     EP rank's experts, copying router and expert weights across."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
     for idx, layer in enumerate(model.model.layers):
         old = layer.mlp
         if isinstance(old, SwitchFeedForward):
@@ -211,6 +217,8 @@ def to_hf_block(layer: SwitchFeedForward, config: Qwen3MoeConfig) -> Qwen3MoeSpa
     """The HF sparse block of a layer that holds all its experts (ep_size 1)."""
     if layer.ep_size != 1:
         raise ValueError("to_hf_block needs all experts on this rank; gather them with hf_experts() first")
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
     block = Qwen3MoeSparseMoeBlock(config)
     with torch.no_grad():
         block.gate.weight.copy_(layer.router.weight)
@@ -221,6 +229,8 @@ def to_hf_block(layer: SwitchFeedForward, config: Qwen3MoeConfig) -> Qwen3MoeSpa
 
 
 def hf_config(cfg: ModelConfig, ids: TokenIds) -> Qwen3MoeConfig:
+    from transformers import Qwen3MoeConfig
+
     moe = cfg.moe
     return Qwen3MoeConfig(
         vocab_size=ids.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -238,7 +248,7 @@ class MoEFamily(ModelFamily):
     name = "moe"
     hf_model_types = ("qwen3_moe",)
     shape_fields = (*LlamaFamily.shape_fields, "moe.num_experts", "moe.every", "moe.expert_intermediate_size")
-    tp_plan = None  # DeepSpeed's native MoE with AutoTP is untested upstream; check_parallel refuses it
+    supports_tp = False  # DeepSpeed's native MoE with AutoTP is untested upstream; check_parallel refuses it
     fixed_length = True
     expert_parallel = True
 
@@ -248,6 +258,8 @@ class MoEFamily(ModelFamily):
     @staticmethod
     def hf_model(cfg: ModelConfig, ids: TokenIds, device_type: str) -> Qwen3MoeForCausalLM:
         """transformers' Qwen3-MoE, from model.from_pretrained or from the config, in fp32."""
+        from transformers import Qwen3MoeForCausalLM
+
         attn = pick_attention(cfg.attention, device_type)
         if cfg.from_pretrained:
             return Qwen3MoeForCausalLM.from_pretrained(cfg.from_pretrained, attn_implementation=attn,
@@ -309,6 +321,8 @@ class MoEFamily(ModelFamily):
 
     def load_hf(self, path, device_type: str = "cpu", **placement) -> Qwen3MoeForCausalLM:
         """The exported model as HF runs it: every token reaches its experts (no capacity limit)."""
+        from transformers import Qwen3MoeForCausalLM
+
         return Qwen3MoeForCausalLM.from_pretrained(path, attn_implementation=pick_attention("auto", device_type),
                                                    dtype=torch.float32, **placement)
 

@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
-from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersExperts
 
 from megatrain.config import ModelConfig
 from megatrain.errors import ConfigError
 from megatrain.model import ModelOutput, TokenIds
 from megatrain.model.t5 import T5Family
 
+if TYPE_CHECKING:  # imported where used (see megatrain/model/llama.py)
+    from transformers import SwitchTransformersConfig
+
 
 def hf_config(cfg: ModelConfig, ids: TokenIds) -> SwitchTransformersConfig:
+    from transformers import SwitchTransformersConfig
+
     moe = cfg.moe
     sparse = cfg.num_layers // moe.every  # HF places them every num_layers // num_sparse layers
     # HF counts capacity per sequence: an expert takes at most this many of one sequence's tokens.
@@ -35,33 +40,6 @@ def hf_config(cfg: ModelConfig, ids: TokenIds) -> SwitchTransformersConfig:
         router_jitter_noise=0.01 if moe.jitter else 0.0, router_z_loss_coef=moe.z_loss_coef,
         router_aux_loss_coef=moe.aux_loss_coef, dropout_rate=0.0, tie_word_embeddings=cfg.tie_embeddings,
         pad_token_id=ids.pad_id, eos_token_id=ids.eos_id, decoder_start_token_id=ids.pad_id)
-
-
-class EveryExpertRuns(SwitchTransformersExperts):
-    """HF's expert loop, run over every expert, those no token chose included (on zero rows).
-
-    HF runs only the experts some token chose, so ranks would differ in which parameters get a
-    gradient and in what order; DeepSpeed's data-parallel gradient reduction (buckets filled as
-    gradients arrive) then sends different sizes from different ranks and the collective fails
-    ("Received data size doesn't match", seen on gloo). An expert on zero rows costs nothing and
-    gives a zero gradient, in the same order on every rank.
-    """
-
-    def forward(self, hidden_states, selected_experts, routing_weights):
-        final_hidden_states = torch.zeros_like(hidden_states)
-        expert_mask = selected_experts.permute(2, 1, 0)  # (experts, top-k, tokens)
-        for expert_idx in range(self.num_experts):
-            idx, top_x = torch.where(expert_mask[expert_idx])
-            current = self[f"expert_{expert_idx}"](hidden_states[top_x]) * routing_weights[top_x, idx, None]
-            final_hidden_states.index_add_(0, top_x, current.to(hidden_states.dtype))
-        return final_hidden_states
-
-
-def run_every_expert(model: torch.nn.Module) -> torch.nn.Module:
-    for module in model.modules():
-        if type(module) is SwitchTransformersExperts:
-            module.__class__ = EveryExpertRuns  # same parameters, the loop above
-    return model
 
 
 class SwitchT5Family(T5Family):
@@ -89,11 +67,17 @@ class SwitchT5Family(T5Family):
                               "parallel.offload_optimizer=true")
 
     def build(self, cfg: ModelConfig, ids: TokenIds, device_type: str = "cpu"):
+        from transformers import SwitchTransformersForConditionalGeneration
+
+        from megatrain.model.switch_t5_experts import run_every_expert
+
         if cfg.from_pretrained:
             return run_every_expert(self.load_hf(cfg.from_pretrained, device_type))
         return run_every_expert(SwitchTransformersForConditionalGeneration(hf_config(cfg, ids)))
 
     def load_hf(self, path, device_type: str = "cpu", **placement):
+        from transformers import SwitchTransformersForConditionalGeneration
+
         return SwitchTransformersForConditionalGeneration.from_pretrained(path, dtype=torch.float32, **placement)
 
     def forward(self, model: torch.nn.Module, batch: dict) -> ModelOutput:

@@ -9,14 +9,20 @@ folder (a downloaded `google/flan-t5-large`), whose own config then decides the 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformers import T5Config, T5ForConditionalGeneration
 
 from megatrain.config import ModelConfig
 from megatrain.model import ModelFamily, TokenIds, num_params
 
+if TYPE_CHECKING:  # imported where used (see megatrain/model/llama.py)
+    from transformers import T5Config, T5ForConditionalGeneration
+
 
 def hf_config(cfg: ModelConfig, ids: TokenIds) -> T5Config:
+    from transformers import T5Config
+
     return T5Config(
         vocab_size=ids.vocab_size, d_model=cfg.hidden_size, d_kv=cfg.hidden_size // cfg.num_heads,
         d_ff=cfg.intermediate_size, num_layers=cfg.num_layers, num_decoder_layers=cfg.num_layers,
@@ -44,12 +50,16 @@ class T5Family(ModelFamily):
     def build(self, cfg: ModelConfig, ids: TokenIds, device_type: str = "cpu") -> T5ForConditionalGeneration:
         if cfg.from_pretrained:
             return self.load_hf(cfg.from_pretrained, device_type)
+        from transformers import T5ForConditionalGeneration
+
         model = T5ForConditionalGeneration(hf_config(cfg, ids))
         if not cfg.tie_embeddings:
             untie_lm_head(model)
         return model
 
     def load_hf(self, path, device_type: str = "cpu", **placement) -> T5ForConditionalGeneration:
+        from transformers import T5ForConditionalGeneration
+
         return T5ForConditionalGeneration.from_pretrained(path, dtype=torch.float32, **placement)
 
     def flops_per_token(self, cfg: ModelConfig, model: torch.nn.Module) -> float:
