@@ -90,11 +90,12 @@ class ModelConfig:
     """llama: a Llama-style decoder (transformers' Llama classes). moe: the same decoder with Switch-style
     mixture-of-experts feed-forward layers (model.moe; HF-native as Qwen3-MoE). t5: T5/FLAN-T5, question to
     the encoder, answer from the decoder. switch_t5: transformers' Switch Transformers (T5 with experts).
-    dropless_moe: the moe model under ZeRO-3, experts sharded by DeepSpeed AutoEP, no token dropped."""
+    dropless_moe: the moe model under ZeRO-3, experts sharded by DeepSpeed AutoEP, no token dropped. lstm: a
+    recurrent LM (embedding, num_layers stacked LSTMs of hidden_size, tied output), as the TinyStories study's."""
     hidden_size: int = 256
     """Model width: the embedding and residual stream size; must divide by num_heads."""
     num_layers: int = 4
-    """Decoder layers (t5, switch_t5: encoder layers, and as many decoder layers)."""
+    """Decoder layers (t5, switch_t5: encoder layers, and as many decoder layers; lstm: stacked LSTMs)."""
     num_heads: int = 4
     """Attention heads per layer."""
     num_kv_heads: int = 0

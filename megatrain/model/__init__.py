@@ -216,6 +216,7 @@ FAMILIES = {
     "dropless_moe": "megatrain.model.dropless_moe:DroplessMoEFamily",
     "t5": "megatrain.model.t5:T5Family",
     "switch_t5": "megatrain.model.switch_t5:SwitchT5Family",
+    "lstm": "megatrain.model.lstm:LSTMFamily",
 }
 """name -> "module:class". Imported on first use: each family pulls its transformers modeling code, and the
 MoE ones (Qwen3-MoE) take seconds to import, which every rank of every run would pay for nothing."""
