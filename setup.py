@@ -9,6 +9,7 @@ setup(
     # 3.11: hashlib.file_digest (checkpoint checksums, shard ids); only 3.11 is tested.
     python_requires=">=3.11",
     packages=find_packages(include=["megatrain", "megatrain.*", "data_tools", "data_tools.*"]),
+    package_data={"megatrain.eval": ["prompts/*.json"]},  # the versioned few-shot prompts
     # torch is deliberately unpinned here: install it first (the Makefile does, torch==2.13.0 on
     # CPU); a bare resolver run with no torch present would pull the CUDA build.
     install_requires=[
@@ -37,6 +38,8 @@ setup(
         "pyarrow>=14",
         "datasets>=2.14",
         "tokenizers>=0.15",
+        # Few-shot math eval: answer equivalence (1/2 = 0.5 = \frac{1}{2}) by a library made for it.
+        "math-verify[antlr4_13_2]==0.9.0",
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
