@@ -45,5 +45,5 @@ setup(
         "gpu": ["flash-attn>=2.6"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9"],
     },
-    entry_points={"console_scripts": ["megatrain=megatrain.cli:main", "megatrain-data=data_tools.cli:main"]},
+    entry_points={"console_scripts": ["megatrain=megatrain.cli:entry", "megatrain-data=data_tools.cli:main"]},
 )

@@ -1,5 +1,3 @@
-import sys
+from megatrain.cli import entry
 
-from megatrain.cli import main
-
-sys.exit(main())
+entry()

@@ -82,6 +82,22 @@ def reference_run(train_smoke, tmp_path_factory):
     return run_dir
 
 
+@pytest.fixture(scope="session")
+def tp_runs(train_smoke, tmp_path_factory):
+    """TP=2 runs of cpu-smoke by (ZeRO stage, ranks), each trained once for every test that reads it (the
+    parity, export and eval tests); returns (run folder, the launcher's stderr). A test may add files to
+    the run (an export of an interval checkpoint) but not change what is there."""
+    done = {}
+
+    def get(stage: int, nproc: int) -> tuple[Path, str]:
+        if (stage, nproc) not in done:
+            run = tmp_path_factory.mktemp("tp") / f"tp2-zero{stage}-{nproc}ranks"
+            result = train_smoke(run, "--parallel.tp_degree=2", f"--parallel.zero_stage={stage}", nproc=nproc)
+            done[stage, nproc] = run, result.stderr
+        return done[stage, nproc]
+    return get
+
+
 DEBIAN_PACKAGES = ("pari-doc", "gap-doc", "libcoq-stdlib")
 DEBIAN_CACHE = Path.home() / ".cache" / "megatrain-tests" / "debian"
 

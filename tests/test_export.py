@@ -127,38 +127,39 @@ def test_shard_writer_puts_a_large_tensor_alone(tmp_path):
 
 # --- in a run, and `megatrain export` ------------------------------------------------------------------
 
-def test_megatrain_export_of_a_zero3_tp2_checkpoint_is_the_in_run_export(train_smoke, tmp_path):
-    """ZeRO-3 x TP=2 on 4 ranks (2 data-parallel): with checkpoint.hf_export=last only the final checkpoint
-    carries hf/; `megatrain export` (one process, DeepSpeed's universal-checkpoint reader) writes the same
-    tensors and files from DeepSpeed's files, and the same for the interval checkpoint without hf/."""
-    run = tmp_path / "run"
-    trained = train_smoke(run, "--parallel.tp_degree=2", "--parallel.zero_stage=3", "--train.steps=4",
-                          "--checkpoint.interval=2", "--eval.final_limit=0", nproc=4)
-    assert "is deprecated" not in trained.stderr  # DeepSpeed's own calls of torch's deprecated collectives
+def test_megatrain_export_of_a_zero3_tp2_checkpoint_is_the_in_run_export(tp_runs, tmp_path):
+    """ZeRO-3 x TP=2 on 4 ranks (2 data-parallel; the run test_tensor_parallel.py checks against TP=1): with
+    checkpoint.hf_export=last only the final checkpoint carries hf/; `megatrain export` (one process,
+    DeepSpeed's universal-checkpoint reader) writes the same tensors and files from DeepSpeed's files, and
+    the same for the interval checkpoint without hf/."""
+    run, stderr = tp_runs(3, 4)
+    assert "is deprecated" not in stderr  # DeepSpeed's own calls of torch's deprecated collectives
     ckpts = run / "checkpoints"
-    assert not (ckpts / "step_2" / "hf").exists() and (ckpts / "step_4" / "hf" / "model.safetensors").is_file()
-    assert (ckpts / "step_2" / "hf_config" / "config.json").is_file()
+    assert (ckpts / "step_8" / "hf" / "model.safetensors").is_file()
+    assert (ckpts / "step_4" / "hf_config" / "config.json").is_file()
     before = {p: p.stat().st_mtime_ns for p in ckpts.rglob("*")}
-    result = run_megatrain("export", run, "--out", tmp_path / "out4")  # the run folder: its latest, step_4
+    result = run_megatrain("export", run, "--out", tmp_path / "out8")  # the run folder: its latest, step_8
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == str(tmp_path / "out4")
-    in_run, offline = folder_tensors(ckpts / "step_4" / "hf"), folder_tensors(tmp_path / "out4")
+    assert result.stdout.strip() == str(tmp_path / "out8")
+    in_run, offline = folder_tensors(ckpts / "step_8" / "hf"), folder_tensors(tmp_path / "out8")
     assert sorted(offline) == sorted(in_run)
     for key in in_run:  # fp32: the master weights are the module's weights, bit for bit
         assert torch.equal(offline[key], in_run[key]), key
     for file in ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json"):
-        assert (tmp_path / "out4" / file).read_bytes() == (ckpts / "step_4" / "hf" / file).read_bytes(), file
+        assert (tmp_path / "out8" / file).read_bytes() == (ckpts / "step_8" / "hf" / file).read_bytes(), file
     assert {p: p.stat().st_mtime_ns for p in ckpts.rglob("*")} == before  # the checkpoints are only read
     assert not list(tmp_path.glob(".tmp-*")) and not (tmp_path / "latest_universal").exists()
 
-    # The interval checkpoint, which has no hf/: `megatrain eval` names the fix, and the fix works.
-    result = run_megatrain("eval", ckpts / "step_2", "--limit", "2")
-    assert_one_clear_line(result, "step_2", "megatrain export")
-    result = run_megatrain("export", run, "--step", "2", "--out", ckpts / "step_2" / "hf")
+    # The interval checkpoint, which has no hf/: `megatrain eval` names the fix, and the fix works (the export
+    # is written next to the checkpoint, where eval looks; the other tests of this run read only step_8).
+    step4 = ckpts / "step_4"
+    result = run_megatrain("eval", step4, "--limit", "2")
+    assert_one_clear_line(result, "step_4", "megatrain export")
+    result = run_megatrain("export", run, "--step", "4", "--out", step4 / "hf")
     assert result.returncode == 0, result.stderr[-3000:]
-    step2 = folder_tensors(ckpts / "step_2" / "hf")
-    assert sorted(step2) == sorted(in_run) and any(not torch.equal(step2[k], in_run[k]) for k in in_run)
-    result = run_megatrain("eval", ckpts / "step_2", "--limit", "2")
+    exported = folder_tensors(step4 / "hf")
+    assert sorted(exported) == sorted(in_run) and any(not torch.equal(exported[k], in_run[k]) for k in in_run)
+    result = run_megatrain("eval", step4, "--limit", "2")
     assert result.returncode == 0 and json.loads(result.stdout)["n"] == 2, result.stderr[-3000:]
 
 

@@ -22,19 +22,15 @@ from test_train import assert_same_trajectory
 
 
 @pytest.fixture(scope="module")
-def tp2_run(train_smoke, tmp_path_factory):
+def tp2_run(tp_runs):
     """TP=2 x ZeRO-2 on 2 ranks (DP=1): the run the resume and eval tests continue or read."""
-    run_dir = tmp_path_factory.mktemp("tp") / "tp2"
-    train_smoke(run_dir, "--parallel.tp_degree=2")
-    return run_dir
+    return tp_runs(2, 2)[0]
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("nproc", [2, 4], ids=["tp2", "tp2xdp2"])
-def test_fp32_tp_matches_tp1(train_smoke, reference_run, tp2_run, tmp_path, stage, nproc):
-    run = tp2_run if (stage, nproc) == (2, 2) else tmp_path / "run"
-    if run != tp2_run:
-        train_smoke(run, "--parallel.tp_degree=2", f"--parallel.zero_stage={stage}", nproc=nproc)
+def test_fp32_tp_matches_tp1(reference_run, tp_runs, stage, nproc):
+    run, _ = tp_runs(stage, nproc)
     assert_same_trajectory(losses(run), losses(reference_run), rel=1e-6)
     tokens = [json.loads(line)["tokens_per_s"] for line in (run / "metrics.jsonl").read_text().splitlines()[:1]]
     assert tokens[0] > 0
@@ -54,12 +50,10 @@ def test_tp_composes_with_zero0_checkpointing_and_offload(train_smoke, reference
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_hf_export_of_a_tp_run_is_the_whole_model(train_smoke, reference_run, tp2_run, tmp_path, stage):
+def test_hf_export_of_a_tp_run_is_the_whole_model(reference_run, tp_runs, stage):
     """Every rank joins the gather; rank 0 writes unsplit tensors that load anywhere and give the
-    same logits as the TP=1 run's model (which followed the same trajectory)."""
-    run = tp2_run if stage == 2 else tmp_path / "run"
-    if stage == 3:
-        train_smoke(run, "--parallel.tp_degree=2", "--parallel.zero_stage=3", nproc=4)
+    same logits as the TP=1 run's model (which followed the same trajectory). ZeRO-3 with DP=2 too."""
+    run, _ = tp_runs(stage, 2 if stage == 2 else 4)
     got = LlamaForCausalLM.from_pretrained(run / "checkpoints" / "step_8" / "hf", dtype=torch.float32)
     want = LlamaForCausalLM.from_pretrained(reference_run / "checkpoints" / "step_8" / "hf", dtype=torch.float32)
     assert {k: v.shape for k, v in got.state_dict().items()} == {k: v.shape for k, v in want.state_dict().items()}
