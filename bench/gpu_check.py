@@ -472,8 +472,6 @@ def run_all(args: argparse.Namespace, stages: list[Stage], report: Report) -> in
 def child(result: Path, flash: bool, argv: list[str]) -> int:
     """`python -m megatrain ARGV` in this process, counting SDPA calls (under the flash kernel alone
     with `flash`), and recording the process group's backend and the peak GPU memory."""
-    import runpy
-
     import torch
     import torch.distributed as dist
 
@@ -497,14 +495,16 @@ def child(result: Path, flash: bool, argv: list[str]) -> int:
     dist.init_process_group = init_recorded
     rc = 1
     sys.argv = ["megatrain", *argv]
+    # cli.main, not `python -m megatrain` (cli.entry): entry ends the process with os._exit, before the
+    # `finally` below could record anything.
+    from megatrain.cli import main
     try:
         if flash:
             from torch.nn.attention import SDPBackend, sdpa_kernel
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                runpy.run_module("megatrain", run_name="__main__", alter_sys=True)
+                rc = main()
         else:
-            runpy.run_module("megatrain", run_name="__main__", alter_sys=True)
-        rc = 0
+            rc = main()
     except SystemExit as e:
         rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:

@@ -90,6 +90,7 @@ from megatrain.config import validate  # noqa: E402
 from megatrain.launch.local import rank_env  # noqa: E402
 from megatrain.model import TokenIds, family, num_params  # noqa: E402
 from megatrain.optim import build_optimizer, build_scheduler  # noqa: E402
+from megatrain.parallel import host  # noqa: E402
 from megatrain.parallel.dims import free_port, init_world, shutdown  # noqa: E402
 from megatrain.parallel.zero import deepspeed_config, wrap  # noqa: E402
 from megatrain.train import train_step  # noqa: E402
@@ -373,10 +374,9 @@ def run_rank(args: argparse.Namespace) -> None:
     cycle = [s for step, s in clock.cycle_s if step in timed_trainer_steps]
     trainer_mean_loss = out.training_loss
 
-    agree = torch.tensor([float(same_batches)])
-    torch.distributed.all_reduce(agree, op=torch.distributed.ReduceOp.MIN)
+    agree = all(host.all_gather_object(same_batches))  # host-side, as every vote (megatrain/parallel/host.py)
     if world.is_main:
-        write_report(args, cfg, n_params, times, losses, trainer_mean_loss, cycle, bool(agree.item()),
+        write_report(args, cfg, n_params, times, losses, trainer_mean_loss, cycle, agree,
                      total_steps, world.world_size, deepspeed.__version__)
     shutdown()
 
