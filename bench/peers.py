@@ -190,19 +190,7 @@ def ddp_step(plain: PlainTrainer, loader: Batches, accum: int) -> float:
             loss = plain.model(**batch).loss / accum
             loss.backward()
         total += loss.item()
-    if plain.master is not None:
-        for m, p in zip(plain.master, plain.params):
-            m.grad = p.grad.float()
-            p.grad = None
-    if plain.cfg.train.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(plain.stepped, plain.cfg.train.grad_clip)
-    plain.optimizer.step()
-    plain.scheduler.step()
-    plain.optimizer.zero_grad(set_to_none=True)
-    if plain.master is not None:
-        with torch.no_grad():
-            for m, p in zip(plain.master, plain.params):
-                p.copy_(m)
+    plain.apply_gradients()
     return total
 
 

@@ -143,6 +143,12 @@ class PlainTrainer:
         batch = {k: v.to(self.device) for k, v in next(self.loader).items() if k != "real_tokens"}
         loss = self.model(**batch).loss
         loss.backward()
+        self.apply_gradients()
+        return loss.item()
+
+    def apply_gradients(self) -> None:
+        """The optimizer step on the gradients backward left: clip, AdamW (on the fp32 master copy under
+        bf16, copied back), the LR schedule."""
         if self.master is not None:
             for m, p in zip(self.master, self.params):
                 m.grad = p.grad.float()
@@ -156,7 +162,6 @@ class PlainTrainer:
             with torch.no_grad():
                 for m, p in zip(self.master, self.params):
                     p.copy_(m)
-        return loss.item()
 
 
 def reset_peak_memory() -> None:

@@ -74,6 +74,21 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
+def assert_checkpoint_scores_as_in_the_run(run_dir: Path) -> None:
+    """`megatrain eval` of the run's last checkpoint, on one process, gives the scores of the run's own final
+    eval, and `megatrain generate` the answer the run gave to its first example."""
+    summary = json.loads((run_dir / "eval.json").read_text())
+    out = run_megatrain("eval", run_dir, "--limit", "16")
+    assert out.returncode == 0, out.stderr[-2000:]
+    alone = json.loads(out.stdout)
+    for key in ("n", "exact_match", "numeric_match", "teacher_forced_exact_match"):
+        assert alone[key] == summary[key], key
+    example = summary["examples"]["algebra__linear_1d"][0]
+    out = run_megatrain("generate", run_dir, example["question"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.rstrip("\n") == example["answer"]
+
+
 @pytest.fixture(scope="session")
 def reference_run(train_smoke, tmp_path_factory):
     """The fp32 ZeRO-2 run every parity test compares with (8 steps, cosine schedule)."""

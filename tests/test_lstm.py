@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
-from conftest import losses, run_megatrain
+from conftest import assert_checkpoint_scores_as_in_the_run, losses, run_megatrain
 from megatrain.config import load_config
 from megatrain.errors import ConfigError
 from megatrain.model.lstm_model import LSTMConfig, LSTMForCausalLM
@@ -69,16 +68,7 @@ def test_an_lstm_run_learns_and_its_checkpoint_evaluates_and_generates_as_in_the
     train_smoke(run, "--model.family=lstm", "--train.steps=12", "--checkpoint.interval=12")
     got = losses(run)
     assert got[12] < got[1] - 1.0, got
-    summary = json.loads((run / "eval.json").read_text())
-    out = run_megatrain("eval", run, "--limit", "16")
-    assert out.returncode == 0, out.stderr[-2000:]
-    alone = json.loads(out.stdout)
-    for key in ("n", "exact_match", "numeric_match", "teacher_forced_exact_match"):
-        assert alone[key] == summary[key], key
-    example = summary["examples"]["algebra__linear_1d"][0]
-    out = run_megatrain("generate", run, example["question"])
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.rstrip("\n") == example["answer"]
+    assert_checkpoint_scores_as_in_the_run(run)
 
 
 def test_the_config_takes_the_family():

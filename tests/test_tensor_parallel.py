@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from conftest import losses, run_megatrain
+from conftest import assert_checkpoint_scores_as_in_the_run, losses, run_megatrain
 from megatrain.checkpoint import check_elastic
 from megatrain.config import ModelConfig, load_config
 from megatrain.errors import CheckpointError, ConfigError
@@ -104,16 +104,7 @@ def test_tp_change_refused_where_it_would_not_load_exactly(tmp_path, stage):
 def test_eval_of_a_tp_run_decodes_as_the_whole_model(tp2_run):
     """The final eval ran with each TP group decoding together; the exported model, alone on one
     process, scores the same problems the same way and gives the same answers."""
-    summary = json.loads((tp2_run / "eval.json").read_text())
-    out = run_megatrain("eval", tp2_run, "--limit", "16")
-    assert out.returncode == 0, out.stderr[-2000:]
-    alone = json.loads(out.stdout)
-    for key in ("n", "exact_match", "numeric_match", "teacher_forced_exact_match"):
-        assert alone[key] == summary[key], key
-    example = summary["examples"]["algebra__linear_1d"][0]
-    out = run_megatrain("generate", tp2_run, example["question"])
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.rstrip("\n") == example["answer"]
+    assert_checkpoint_scores_as_in_the_run(tp2_run)
 
 
 @pytest.mark.parametrize("overrides, nproc, message", [
